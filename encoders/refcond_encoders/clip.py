@@ -1,0 +1,111 @@
+"""The ``clip`` encoder: a CLIP vision model with projection, as IP-Adapter uses it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from PIL.Image import Image
+from pydantic import Field
+from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+
+from refcond import BuildContext, ComponentConfig, ConfigError, ReferenceEncoding
+
+
+class ClipEncoderConfig(ComponentConfig):
+    """Options of the ``clip`` encoder."""
+
+    model: str | None = Field(
+        default=None,
+        description="Hub id or local folder of a CLIPVisionModelWithProjection. None reuses the pipeline's image_encoder.",
+    )
+    subfolder: str | None = Field(default=None, description="Subfolder of `model`, e.g. 'models/image_encoder' in h94/IP-Adapter.")
+    output: Literal["image_embeds", "hidden_states"] = Field(
+        default="image_embeds",
+        description="'image_embeds': one pooled, projected vector per reference (IP-Adapter base). "
+        "'hidden_states': every token of a hidden layer (IP-Adapter Plus).",
+    )
+    hidden_layer: int = Field(default=-2, description="Which hidden layer 'hidden_states' reads; -2 is the penultimate.")
+
+
+class ClipEncoder(torch.nn.Module):
+    """CLIP vision encoder: pooled image embeddings or penultimate hidden states, one reference at a time.
+
+    All references of all groups run through CLIP in one batch. The CLIP model is borrowed (from the
+    pipeline or the hub) and frozen; it is not part of refcond checkpoints.
+    """
+
+    def __init__(self, model: CLIPVisionModelWithProjection, processor: CLIPImageProcessor, config: ClipEncoderConfig):
+        super().__init__()
+        # Held outside the module tree: the pipeline owns these weights, refcond checkpoints skip them.
+        self.__dict__["clip"] = model
+        self.processor = processor
+        self.config = config
+        self.embedding_dim = model.config.projection_dim if config.output == "image_embeds" else model.config.hidden_size
+
+    @classmethod
+    def from_config(cls, config: ClipEncoderConfig, context: BuildContext) -> ClipEncoder:
+        """Reuse the pipeline's ``image_encoder`` and ``feature_extractor``, or load ``config.model``."""
+        pipeline = context.backbone.pipeline if context.backbone is not None else None
+        if config.model is not None:
+            model = CLIPVisionModelWithProjection.from_pretrained(config.model, subfolder=config.subfolder or "")
+            if context.backbone is not None:
+                model.to(device=context.backbone.device, dtype=context.backbone.dtype)
+        else:
+            model = getattr(pipeline, "image_encoder", None)
+            if model is None:
+                raise ConfigError(
+                    "encoder 'clip': the pipeline has no image_encoder. Load the pipeline with one "
+                    "(image_encoder=CLIPVisionModelWithProjection.from_pretrained(...)), or set the encoder's "
+                    "config model='h94/IP-Adapter', subfolder='models/image_encoder' (SD1.5) or 'sdxl_models/image_encoder' (SDXL)."
+                )
+        if not isinstance(model, CLIPVisionModelWithProjection):
+            raise ConfigError(f"encoder 'clip' needs a CLIPVisionModelWithProjection, got {type(model).__name__}.")
+        processor = getattr(pipeline, "feature_extractor", None)
+        if processor is None:
+            size = model.config.image_size
+            processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        return cls(model, processor, config)
+
+    @property
+    def clip(self) -> CLIPVisionModelWithProjection:
+        return self.__dict__["clip"]
+
+    def _pixels(self, images: Sequence[Image]) -> torch.Tensor:
+        pixels = self.processor(images=list(images), return_tensors="pt").pixel_values
+        return pixels.to(device=self.clip.device, dtype=self.clip.dtype)
+
+    def _features(self, pixels: torch.Tensor) -> torch.Tensor:
+        """``[M, T, D]``: T = 1 for pooled embeddings, all tokens for hidden states."""
+        if self.config.output == "image_embeds":
+            return self.clip(pixels).image_embeds[:, None, :]
+        return self.clip(pixels, output_hidden_states=True).hidden_states[self.config.hidden_layer]
+
+    def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        flat = [image for group in references for image in group]
+        features = self._features(self._pixels(flat))
+        return _group(features, [len(group) for group in references])
+
+    def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        """Zeros for pooled embeddings; CLIP run on all-zero pixels for hidden states (as diffusers does)."""
+        if self.config.output == "image_embeds":
+            return ReferenceEncoding(torch.zeros_like(encoding.tokens), encoding.mask, encoding.source)
+        size = self.processor.crop_size
+        zeros = torch.zeros(1, 3, size["height"], size["width"], device=self.clip.device, dtype=self.clip.dtype)
+        blank = self._features(zeros)[0]  # [T, D]; the same for every reference
+        counts = [len(group) for group in references]
+        return _group(blank.expand(sum(counts), -1, -1), counts)
+
+
+def _group(features: torch.Tensor, counts: list[int]) -> ReferenceEncoding:
+    """Lay ``[M, T, D]`` per-image features out as one row per group, with per-reference sources."""
+    tokens_per_image = features.shape[1]
+    rows, start = [], 0
+    for count in counts:
+        tokens = features[start : start + count].reshape(1, count * tokens_per_image, -1)
+        source = torch.arange(count, device=features.device).repeat_interleave(tokens_per_image)[None]
+        mask = torch.ones_like(source, dtype=torch.bool)
+        rows.append(ReferenceEncoding(tokens, mask, source))
+        start += count
+    return ReferenceEncoding.concat_batches(rows)

@@ -1,0 +1,1 @@
+from refcond import hookimpl

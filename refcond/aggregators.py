@@ -1,0 +1,144 @@
+"""Generic aggregators: ``mean``, ``weighted-mean`` and ``concat`` over the references of a group.
+
+They read :attr:`ReferenceEncoding.source` to know which tokens belong to which reference, so
+they work with any encoder that emits per-reference tokens (pooled or sequences of equal length).
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from refcond.config import ComponentConfig, EmptyConfig
+from refcond.contracts import MIXED_SOURCE, BuildContext, Condition, ReferenceEncoding
+from refcond.errors import ConfigError
+from refcond.hookspecs import hookimpl
+from refcond.registry import Register
+
+
+def split_references(encoding: ReferenceEncoding, index: int) -> list[torch.Tensor]:
+    """The tokens of each reference of group ``index``, in reference order: a list of ``[T_i, D]``."""
+    valid = encoding.mask[index]
+    source = encoding.source[index][valid]
+    tokens = encoding.tokens[index][valid]
+    if (source == MIXED_SOURCE).any():
+        raise ConfigError(
+            "this aggregator combines references token by token, but the encoder produced tokens that mix "
+            "references (source == -1). Use an aggregator made for such encoders, e.g. 'reference-tokens'."
+        )
+    return [tokens[source == ref] for ref in torch.unique(source, sorted=True)]
+
+
+class MeanConfig(ComponentConfig):
+    """Options of the ``weighted-mean`` aggregator."""
+
+    weights: list[float] | None = Field(
+        default=None,
+        description="Default weight of each reference (by position); the call's reference_weights override it. None = equal weights.",
+    )
+
+
+class MeanAggregator(torch.nn.Module):
+    """Average the references of each group, position by position (IP-Adapter-style embedding averaging).
+
+    Every reference must yield the same number of tokens ``T``; the condition has ``T`` tokens.
+    With weights, the average is ``sum(w_i x_i) / sum(w_i)``.
+    """
+
+    def __init__(self, weighted: bool = False, default_weights: list[float] | None = None):
+        super().__init__()
+        self.weighted = weighted
+        self.default_weights = default_weights
+
+    def output_dim(self, input_dim: int) -> int:
+        return input_dim
+
+    def forward(self, encoding: ReferenceEncoding, weights: torch.Tensor | None = None) -> Condition:
+        if weights is not None and not self.weighted:
+            raise ConfigError("aggregator 'mean' takes no reference weights; use aggregator 'weighted-mean' to weigh references.")
+        if weights is None and self.default_weights is not None:
+            weights = torch.tensor([self.default_weights] * encoding.batch_size)
+        groups = []
+        for b in range(encoding.batch_size):
+            refs = split_references(encoding, b)
+            lengths = {r.shape[0] for r in refs}
+            if len(lengths) != 1:
+                raise ConfigError(f"mean needs the same number of tokens from every reference; group {b} has {sorted(lengths)}. Use 'concat'.")
+            stacked = torch.stack(refs)  # [N, T, D]
+            if weights is None:
+                pooled = stacked.mean(dim=0)
+            else:
+                w = _group_weights(weights, b, len(refs)).to(stacked)
+                pooled = (w[:, None, None] * stacked).sum(dim=0) / w.sum()
+            groups.append(pooled)
+        return _stack(groups)
+
+
+def _group_weights(weights: torch.Tensor, b: int, n: int) -> torch.Tensor:
+    w = torch.as_tensor(weights, dtype=torch.float32)
+    w = w[b] if w.ndim == 2 else w
+    if w.shape != (n,):
+        raise ConfigError(f"reference weights must give one weight per reference: group {b} has {n} references, got {tuple(w.shape)} weights.")
+    if (w < 0).any() or w.sum() <= 0:
+        raise ConfigError(f"reference weights must be non-negative with a positive sum, got {w.tolist()}.")
+    return w
+
+
+def _stack(groups: list[torch.Tensor]) -> Condition:
+    return Condition.concat_batches(
+        [
+            Condition(
+                g[None],
+                torch.ones(1, g.shape[0], dtype=torch.bool, device=g.device),
+                torch.full((1, g.shape[0]), MIXED_SOURCE, dtype=torch.long, device=g.device),
+            )
+            for g in groups
+        ]
+    )
+
+
+class ConcatAggregator(torch.nn.Module):
+    """Concatenate the tokens of all references, in order (diffusers' behaviour for several images).
+
+    The condition grows with the number of references; ``source`` keeps each token's reference.
+    """
+
+    def output_dim(self, input_dim: int) -> int:
+        return input_dim
+
+    def forward(self, encoding: ReferenceEncoding, weights: torch.Tensor | None = None) -> Condition:
+        if weights is not None:
+            raise ConfigError("aggregator 'concat' takes no reference weights; use 'weighted-mean', or scale with reference_scale.")
+        parts = []
+        for b in range(encoding.batch_size):
+            valid = encoding.mask[b]
+            parts.append(
+                Condition(
+                    encoding.tokens[b][valid][None],
+                    encoding.mask[b][valid][None],
+                    encoding.source[b][valid][None],
+                )
+            )
+        return Condition.concat_batches(parts)
+
+
+def _mean(config: EmptyConfig, context: BuildContext) -> MeanAggregator:
+    """Equal-weight average of the references (IP-Adapter-style averaging)."""
+    return MeanAggregator()
+
+
+def _weighted_mean(config: MeanConfig, context: BuildContext) -> MeanAggregator:
+    """Weighted average of the references; weights per call or in the config."""
+    return MeanAggregator(weighted=True, default_weights=config.weights)
+
+
+def _concat(config: EmptyConfig, context: BuildContext) -> ConcatAggregator:
+    """Concatenation of all references' tokens (diffusers' multi-image IP-Adapter)."""
+    return ConcatAggregator()
+
+
+@hookimpl
+def refcond_register_aggregators(register: Register) -> None:
+    register("mean", _mean, config=EmptyConfig)
+    register("weighted-mean", _weighted_mean, config=MeanConfig)
+    register("concat", _concat, config=EmptyConfig)

@@ -1,0 +1,88 @@
+"""Reading and writing weight files.
+
+``.safetensors`` is read directly. Pickle-based files (``.bin``, ``.pt``, ``.ckpt``) can run code
+when loaded, so they are refused unless the caller passes ``allow_pickle=True``; even then they are
+read with ``torch.load(weights_only=True)``. Every write goes to a temporary file that is renamed
+into place, so an interrupted write never leaves a truncated file.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from refcond.errors import CheckpointError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Read a weight file; returns ``(state_dict, metadata)``.
+
+    Nested pickle dicts (``{"image_proj": {...}, "ip_adapter": {...}}``, as the original
+    IP-Adapter ``.bin`` files are) are flattened with ``.``-joined keys.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} not found{' (it is a folder)' if path.is_dir() else ''}.")
+    if path.suffix.lower() == ".safetensors":
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                metadata = dict(handle.metadata() or {})
+            return load_file(str(path)), metadata
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {exc}") from None
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r} is a pickle file, which can run arbitrary code when loaded. "
+                "Convert it to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source."
+            )
+        try:
+            loaded = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises many types for bad pickles
+            raise CheckpointError(f"checkpoint {str(path)!r} could not be read as a torch file: {exc}") from None
+        if not isinstance(loaded, Mapping):
+            raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(loaded).__name__}, not a dict of tensors.")
+        return _flatten(loaded), {}
+    raise CheckpointError(
+        f"checkpoint {str(path)!r}: unknown file type {path.suffix!r}; expected .safetensors "
+        f"(or, with allow_pickle=True, one of {', '.join(PICKLE_SUFFIXES)})."
+    )
+
+
+def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        elif isinstance(value, torch.Tensor):
+            flat[name] = value
+        else:
+            raise CheckpointError(f"checkpoint key {name!r} holds a {type(value).__name__}, not a tensor.")
+    return flat
+
+
+def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    """Write tensors to ``path`` atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=dict(metadata or {}))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

@@ -1,0 +1,217 @@
+"""The typed contracts between stages: what flows between encoder, aggregator and injectors.
+
+Tensors keep a leading batch axis ``B`` of reference *groups*: one group conditions one image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from PIL.Image import Image
+
+#: ``source`` value of a token that mixes references or carries text.
+MIXED_SOURCE = -1
+
+
+@dataclass(frozen=True)
+class _TokenSequence:
+    tokens: torch.Tensor
+    mask: torch.Tensor
+    source: torch.Tensor
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if self.tokens.ndim != 3:
+            raise ValueError(f"{name}.tokens must be [batch, length, dim], got shape {tuple(self.tokens.shape)}")
+        expected = tuple(self.tokens.shape[:2])
+        for attr in ("mask", "source"):
+            value = getattr(self, attr)
+            if tuple(value.shape) != expected:
+                raise ValueError(f"{name}.{attr} must have shape {expected} (batch, length), got {tuple(value.shape)}")
+        if self.mask.dtype != torch.bool:
+            raise ValueError(f"{name}.mask must be a bool tensor, got {self.mask.dtype}")
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[-1]
+
+    def repeat_interleave(self, repeats: int) -> Any:
+        """Repeat every group ``repeats`` times along the batch (``num_images_per_prompt``)."""
+        if repeats == 1:
+            return self
+        return type(self)(*(t.repeat_interleave(repeats, dim=0) for t in (self.tokens, self.mask, self.source)))
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> Any:
+        """Move to a device and cast the tokens (mask and source keep their dtypes)."""
+        return type(self)(self.tokens.to(device=device, dtype=dtype), self.mask.to(device), self.source.to(device))
+
+    @classmethod
+    def concat_batches(cls, items: Sequence[Any]) -> Any:
+        """Stack several sequences along the batch, padding lengths (padding is masked out)."""
+        length = max(item.tokens.shape[1] for item in items)
+
+        def pad(t: torch.Tensor, value: Any) -> torch.Tensor:
+            extra = length - t.shape[1]
+            if extra == 0:
+                return t
+            shape = (t.shape[0], extra, *t.shape[2:])
+            return torch.cat([t, t.new_full(shape, value)], dim=1)
+
+        return cls(
+            torch.cat([pad(i.tokens, 0) for i in items]),
+            torch.cat([pad(i.mask, False) for i in items]),
+            torch.cat([pad(i.source, MIXED_SOURCE) for i in items]),
+        )
+
+
+@dataclass(frozen=True)
+class ReferenceEncoding(_TokenSequence):
+    """What an encoder produces for a batch of reference groups.
+
+    :ivar tokens: ``[B, L, D]`` features.
+    :ivar mask: ``[B, L]`` bool, ``True`` for real tokens, ``False`` for padding (groups of
+        different sizes in one batch).
+    :ivar source: ``[B, L]`` long, the index of the reference a token came from, or
+        :data:`MIXED_SOURCE` (-1) for tokens that mix references or carry text.
+    """
+
+
+@dataclass(frozen=True)
+class Condition(_TokenSequence):
+    """What an aggregator produces: the tokens the injectors feed into the UNet.
+
+    Same fields as :class:`ReferenceEncoding`. ``source`` is kept so that projectors which work per
+    reference (IP-Adapter Plus' resampler) can tell concatenated references apart.
+    """
+
+
+@dataclass
+class BuildContext:
+    """What a factory may use while building a component: the parts built before it.
+
+    Built in order backbone, encoder, aggregator, injectors; a field not yet built is ``None``.
+    """
+
+    backbone: Backbone | None = None
+    encoder: Encoder | None = None
+    aggregator: Aggregator | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A diffusers text-to-image pipeline and the facts about its UNet that injectors need."""
+
+    name: str
+    pipeline: DiffusionPipeline
+
+    @property
+    def unet(self) -> UNet2DConditionModel: ...
+
+    @property
+    def cross_attention_dim(self) -> int: ...
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    """Turns reference groups into features.
+
+    ``embedding_dim`` is the feature size ``D`` of the encoding it returns.
+    """
+
+    embedding_dim: int
+
+    def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        """Encode a batch of reference groups (each a non-empty list of RGB PIL images)."""
+        ...
+
+    def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        """The encoding of "no reference" used by the unconditional branch of classifier-free guidance.
+
+        It has the same structure as ``encoding`` (the conditional encoding of ``references``).
+        """
+        ...
+
+
+@runtime_checkable
+class Aggregator(Protocol):
+    """Turns a :class:`ReferenceEncoding` into a :class:`Condition`."""
+
+    def output_dim(self, input_dim: int) -> int:
+        """The token size of the condition, given the encoder's ``embedding_dim``."""
+        ...
+
+    def __call__(self, encoding: ReferenceEncoding, weights: torch.Tensor | None = None) -> Condition:
+        """Aggregate. ``weights`` (``[B, N]``, optional) weigh the references of each group."""
+        ...
+
+
+@runtime_checkable
+class Attachment(Protocol):
+    """An injector attached to one UNet."""
+
+    def condition(
+        self,
+        condition: Condition,
+        unconditional: Condition | None,
+        scale: float | dict[str, Any] | None = None,
+    ) -> AbstractContextManager[None]:
+        """Feed a condition to the UNet for the duration of a ``with`` block (one generation).
+
+        ``unconditional`` is the condition of the classifier-free-guidance negative branch.
+        Work that depends only on the condition is done here, once, not at every denoising step.
+        """
+        ...
+
+    def detach(self) -> None:
+        """Remove the injector, restoring the UNet exactly as it was before ``attach``."""
+        ...
+
+
+@runtime_checkable
+class Injector(Protocol):
+    """Changes a UNet so that it reads a :class:`Condition`."""
+
+    def attach(self, unet: UNet2DConditionModel) -> Attachment:
+        """Attach to ``unet`` and return the handle that conditions and detaches it."""
+        ...
+
+
+@dataclass
+class ImportedCheckpoint:
+    """A foreign checkpoint translated into refcond's terms.
+
+    :ivar composition: settings the file implies, as a partial composition dict (for example
+        ``{"encoder": {"config": {"output": "hidden_states"}}}``); they override the recipe's defaults
+        and are overridden by the caller's.
+    :ivar state_dict: weights keyed by role: ``encoder.*``, ``aggregator.*``, ``injector.<i>.*``.
+    :ivar source: where the weights came from, for error messages.
+    """
+
+    composition: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    source: str = ""
+
+
+@runtime_checkable
+class CheckpointFormat(Protocol):
+    """Recognises and converts one checkpoint layout."""
+
+    def detect(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str]) -> bool:
+        """Whether the file is in this format (judged from its keys and metadata only)."""
+        ...
+
+    def convert(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], backbone: Backbone | None) -> ImportedCheckpoint:
+        """Translate the file; raise :class:`refcond.CheckpointError` naming key and shape on mismatch."""
+        ...

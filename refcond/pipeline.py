@@ -1,0 +1,241 @@
+"""The user-facing pipeline: a diffusers pipeline whose UNet reads a group of reference images."""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from refcond.building import Built, build, roles
+from refcond.checkpoints.io import write_safetensors
+from refcond.checkpoints.native import metadata_for
+from refcond.config import Composition
+from refcond.contracts import Condition
+from refcond.errors import ConfigError, RefcondError, ReferenceImageError
+from refcond.images import ReferenceInput, load_references
+from refcond.plugins import Plugins, get_plugins
+
+_CACHE_SIZE = 8
+
+
+class RefcondPipeline:
+    """A diffusers Stable Diffusion pipeline conditioned on reference images.
+
+    Create one with :func:`refcond.from_pipe` or :func:`refcond.load`. Calling it takes the
+    diffusers pipeline's own arguments plus ``references``; :meth:`detach` restores the pipeline.
+
+    The components are exposed by role (``encoder``, ``aggregator``, ``injectors``) so training
+    code can select parameters by role. Encoded conditions are cached by reference content, so a
+    second prompt over the same references skips the encoder.
+    """
+
+    def __init__(self, built: Built, plugins: Plugins):
+        self.composition: Composition = built.composition
+        self.backbone = built.backbone
+        self.encoder = built.encoder
+        self.aggregator = built.aggregator
+        self.injectors = built.injectors
+        self.plugins = plugins
+        self.pipeline = built.backbone.pipeline
+        self._attachments = [injector.attach(self.pipeline.unet) for injector in self.injectors]
+        self._cache: OrderedDict[tuple[Any, ...], tuple[Condition, Condition]] = OrderedDict()
+
+    # -- conditioning -------------------------------------------------------------------------
+
+    def encode(
+        self,
+        references: Sequence[Sequence[ReferenceInput]],
+        reference_weights: Sequence[Sequence[float]] | None = None,
+    ) -> tuple[Condition, Condition]:
+        """Encode and aggregate a batch of reference groups.
+
+        :returns: ``(condition, unconditional)``, each with one row per group; ``unconditional`` is
+            what the negative branch of classifier-free guidance reads.
+        """
+        groups = [load_references(group) for group in references]
+        weights = None if reference_weights is None else torch.tensor([list(map(float, w)) for w in reference_weights])
+        key = (tuple(tuple(_digest(img) for img in group) for group in groups), None if weights is None else tuple(weights.flatten().tolist()))
+        cacheable = not any(getattr(c, "training", False) for c in (self.encoder, self.aggregator))
+        if cacheable and key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        with torch.inference_mode():
+            encoding = self.encoder.encode(groups)
+            unconditional = self.encoder.encode_unconditional(encoding, groups)
+            result = (self.aggregator(encoding, weights), self.aggregator(unconditional, weights))
+        if cacheable:
+            self._cache[key] = result
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        return result
+
+    def clear_cache(self) -> None:
+        """Forget cached conditions (done automatically while a component is in training mode)."""
+        self._cache.clear()
+
+    # -- generation ---------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        references: Sequence[ReferenceInput] | Sequence[Sequence[ReferenceInput]] | ReferenceInput | None = None,
+        *,
+        reference_scale: float | dict[str, Any] = 1.0,
+        reference_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str | None = None,
+        **pipeline_kwargs: Any,
+    ) -> Any:
+        """Generate images conditioned on ``prompt`` and the reference group(s).
+
+        :param references: one group of images (paths, PIL images or arrays) for every prompt, or a
+            list with one group per prompt.
+        :param reference_scale: strength of the reference condition: a float, or a per-block dict as
+            in InstantStyle (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``; unlisted blocks get 0).
+        :param reference_weights: per-reference weights for weighting aggregators (``weighted-mean``).
+        :param pipeline_kwargs: any other argument of the diffusers pipeline's ``__call__``
+            (``height``, ``width``, ``latents``, ``callback_on_step_end``, ...).
+        :returns: the diffusers pipeline's output (``.images``).
+
+        Arguments left as ``None`` keep the diffusers pipeline's defaults.
+        """
+        self._check_attached()
+        groups, weights = _as_groups(references, reference_weights)
+        batch = _prompt_batch(prompt, pipeline_kwargs)
+        if len(groups) not in (1, batch):
+            raise ReferenceImageError(f"got {len(groups)} reference groups for {batch} prompts: pass one group for all prompts, or one per prompt.")
+        condition, unconditional = self.encode(groups, weights)
+        repeat = num_images_per_prompt * (batch if len(groups) == 1 else 1)
+        condition, unconditional = condition.repeat_interleave(repeat), unconditional.repeat_interleave(repeat)
+
+        call_kwargs = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type=output_type,
+        )
+        call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
+        with ExitStack() as stack:
+            for attachment in self._attachments:
+                stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
+            return self.pipeline(num_images_per_prompt=num_images_per_prompt, **call_kwargs, **pipeline_kwargs)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def detach(self) -> None:
+        """Remove every injector: the pipeline's UNet is exactly as it was before ``from_pipe``."""
+        for attachment in reversed(self._attachments):
+            attachment.detach()
+        self._attachments = []
+        self._detached = True
+
+    def _check_attached(self) -> None:
+        if getattr(self, "_detached", False):
+            raise RefcondError("this RefcondPipeline was detached; build a new one with refcond.from_pipe(pipe, ...).")
+
+    def components(self) -> dict[str, Any]:
+        """Components by checkpoint role: ``encoder``, ``aggregator``, ``injector.<i>``."""
+        return roles(Built(self.composition, self.backbone, self.encoder, self.aggregator, self.injectors))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights refcond owns (not the backbone's), keyed ``<role>.<parameter>``."""
+        out: dict[str, torch.Tensor] = {}
+        for role, component in self.components().items():
+            if isinstance(component, torch.nn.Module):
+                out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write a refcond checkpoint (``.safetensors``, composition in the metadata) atomically."""
+        path = Path(path)
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"refcond checkpoints are .safetensors files; got {str(path)!r}.")
+        composition = self.composition.with_overrides({"backbone": {"config": {"model": self.backbone.model_id}}})
+        return write_safetensors(path, self.state_dict(), metadata_for(composition.model_dump(mode="json")))
+
+    def __repr__(self) -> str:
+        parts = [f"encoder={self.composition.encoder.name!r}", f"aggregator={self.composition.aggregator.name!r}"]
+        parts.append(f"injectors={[s.name for s in self.composition.injectors]!r}")
+        return f"RefcondPipeline({self.backbone.name}, {', '.join(parts)})"
+
+
+def _digest(image: PIL.Image.Image) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def _is_group_list(references: Any) -> bool:
+    return isinstance(references, (list, tuple)) and len(references) > 0 and all(isinstance(r, (list, tuple)) for r in references)
+
+
+def _as_groups(references: Any, weights: Any) -> tuple[list[Any], list[list[float]] | None]:
+    if references is None or (isinstance(references, (list, tuple)) and len(references) == 0):
+        load_references(None)  # raises the "no references" error
+    groups = list(references) if _is_group_list(references) else [references]
+    if weights is None:
+        return groups, None
+    weights = [list(w) for w in weights] if _is_group_list(weights) else [list(weights)] * len(groups)
+    return groups, weights
+
+
+def _prompt_batch(prompt: Any, kwargs: Mapping[str, Any]) -> int:
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, (list, tuple)):
+        return len(prompt)
+    embeds = kwargs.get("prompt_embeds")
+    if embeds is not None:
+        return int(embeds.shape[0])
+    raise ConfigError("pass a prompt (a string or a list of strings), or prompt_embeds.")
+
+
+def from_pipe(
+    pipe: Any,
+    composition: str | Path | Mapping[str, Any] | Composition | None = "ip-adapter",
+    *,
+    checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
+    allow_pickle: bool = False,
+    plugins: Plugins | None = None,
+    **roles: Any,
+) -> RefcondPipeline:
+    """Condition an existing diffusers pipeline on reference images.
+
+    The pipeline's modules are reused, not copied: its UNet is changed in place until
+    :meth:`RefcondPipeline.detach`, and an encoder reuses its ``image_encoder`` and
+    ``feature_extractor`` when it has them.
+
+    :param composition: a registered recipe name (``"ip-adapter"``), a ``.toml``/``.json`` file, a
+        dict or a :class:`Composition`; ``None`` takes it from a refcond ``checkpoint``.
+    :param checkpoint: weights in any registered format (refcond, official IP-Adapter, ...); the
+        file decides what it needs (an IP-Adapter Plus file selects the resampler projector).
+    :param allow_pickle: read pickle-based files (``.bin``); only for files you trust.
+    :param roles: per-role overrides, e.g. ``aggregator={"name": "concat"}`` or
+        ``encoder={"config": {"output": "hidden_states"}}``.
+    """
+    plugins = plugins or get_plugins()
+    built = build(composition, plugins, pipeline=pipe, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=roles)
+    return RefcondPipeline(built, plugins)
+
+
+def load(path: str | Path, pipe: Any = None, *, plugins: Plugins | None = None, **roles: Any) -> RefcondPipeline:
+    """Rebuild a composition from a refcond checkpoint written by :meth:`RefcondPipeline.save`.
+
+    Without ``pipe`` the backbone is loaded from the model id recorded in the checkpoint.
+    """
+    plugins = plugins or get_plugins()
+    built = build(None, plugins, pipeline=pipe, checkpoint=path, overrides=roles)
+    return RefcondPipeline(built, plugins)

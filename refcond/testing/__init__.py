@@ -1,0 +1,33 @@
+"""Testing helpers for refcond and its plugins: tiny offline models, fixtures, conformance checks.
+
+Use the fixtures in a plugin's tests with ``pytest_plugins = ["refcond.testing.fixtures"]`` in its
+``conftest.py``.
+"""
+
+from refcond.testing.models import (
+    IMAGE_ENCODER_SIZE,
+    IMAGE_SIZE,
+    tiny_feature_extractor,
+    tiny_image_encoder,
+    tiny_sd15_pipeline,
+    tiny_sdxl_pipeline,
+    tiny_text_encoder,
+    tiny_tokenizer,
+    tiny_unet,
+    tiny_vae,
+)
+from refcond.testing.images import reference_images
+
+__all__ = [
+    "IMAGE_ENCODER_SIZE",
+    "IMAGE_SIZE",
+    "reference_images",
+    "tiny_feature_extractor",
+    "tiny_image_encoder",
+    "tiny_sd15_pipeline",
+    "tiny_sdxl_pipeline",
+    "tiny_text_encoder",
+    "tiny_tokenizer",
+    "tiny_unet",
+    "tiny_vae",
+]
