@@ -25,8 +25,8 @@ from refcond.errors import (
     DuplicateComponentError,
     IncompatibleBackboneError,
     PluginError,
-    ReferenceImageError,
     RefcondError,
+    ReferenceImageError,
     UnknownComponentError,
 )
 from refcond.hookspecs import hookimpl

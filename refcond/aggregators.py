@@ -6,8 +6,10 @@ they work with any encoder that emits per-reference tokens (pooled or sequences 
 
 from __future__ import annotations
 
+import math
+
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from refcond.config import ComponentConfig, EmptyConfig
 from refcond.contracts import MIXED_SOURCE, BuildContext, Condition, ReferenceEncoding
@@ -16,16 +18,23 @@ from refcond.hookspecs import hookimpl
 from refcond.registry import Register
 
 
-def split_references(encoding: ReferenceEncoding, index: int) -> list[torch.Tensor]:
-    """The tokens of each reference of group ``index``, in reference order: a list of ``[T_i, D]``."""
+def split_references(encoding: ReferenceEncoding, index: int, aggregator: str | None = None) -> list[torch.Tensor]:
+    """The tokens of each reference of group ``index``, in reference order: a list of ``[T_i, D]``.
+
+    ``aggregator`` (the caller's registered name) is used in error messages.
+    """
+    who = f"aggregator {aggregator!r}" if aggregator else "this aggregator"
     valid = encoding.mask[index]
     source = encoding.source[index][valid]
     tokens = encoding.tokens[index][valid]
     if (source == MIXED_SOURCE).any():
         raise ConfigError(
-            "this aggregator combines references token by token, but the encoder produced tokens that mix "
-            "references (source == -1). Use an aggregator made for such encoders, e.g. 'reference-tokens'."
+            f"{who} combines references token by token, but group {index} has tokens that mix "
+            "references (source == -1), as an encoder that reads all references at once produces. Use aggregator "
+            "'concat', or one made for such encoders (e.g. EasyRef's 'reference-tokens')."
         )
+    if source.numel() == 0:
+        raise ConfigError(f"{who}: group {index} has no reference tokens (its mask is all False).")
     return [tokens[source == ref] for ref in torch.unique(source, sorted=True)]
 
 
@@ -36,6 +45,13 @@ class MeanConfig(ComponentConfig):
         default=None,
         description="Default weight of each reference (by position); the call's reference_weights override it. None = equal weights.",
     )
+
+    @field_validator("weights")
+    @classmethod
+    def _non_negative(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and (any(not math.isfinite(w) or w < 0 for w in value) or sum(value) <= 0):
+            raise ValueError("weights must be finite and non-negative, with a positive sum")
+        return value
 
 
 class MeanAggregator(torch.nn.Module):
@@ -54,32 +70,42 @@ class MeanAggregator(torch.nn.Module):
         return input_dim
 
     def forward(self, encoding: ReferenceEncoding, weights: torch.Tensor | None = None) -> Condition:
+        name = "weighted-mean" if self.weighted else "mean"
         if weights is not None and not self.weighted:
             raise ConfigError("aggregator 'mean' takes no reference weights; use aggregator 'weighted-mean' to weigh references.")
         if weights is None and self.default_weights is not None:
             weights = torch.tensor([self.default_weights] * encoding.batch_size)
         groups = []
         for b in range(encoding.batch_size):
-            refs = split_references(encoding, b)
+            refs = split_references(encoding, b, name)
             lengths = {r.shape[0] for r in refs}
             if len(lengths) != 1:
-                raise ConfigError(f"mean needs the same number of tokens from every reference; group {b} has {sorted(lengths)}. Use 'concat'.")
+                raise ConfigError(
+                    f"aggregator {name!r} needs the same number of tokens from every reference; group {b} has "
+                    f"{sorted(lengths)}. Use 'concat'."
+                )
             stacked = torch.stack(refs)  # [N, T, D]
             if weights is None:
                 pooled = stacked.mean(dim=0)
             else:
-                w = _group_weights(weights, b, len(refs)).to(stacked)
+                w = _group_weights(weights, b, len(refs), encoding.batch_size).to(stacked)
                 pooled = (w[:, None, None] * stacked).sum(dim=0) / w.sum()
             groups.append(pooled)
         return _stack(groups)
 
 
-def _group_weights(weights: torch.Tensor, b: int, n: int) -> torch.Tensor:
+def _group_weights(weights: torch.Tensor, b: int, n: int, batch: int) -> torch.Tensor:
+    """Group ``b``'s weights from ``[N]`` (the same for every group) or ``[B, N_max]`` weights (zero-padded)."""
     w = torch.as_tensor(weights, dtype=torch.float32)
-    w = w[b] if w.ndim == 2 else w
+    if w.ndim == 2:
+        if w.shape[0] != batch:
+            raise ConfigError(f"reference weights have {w.shape[0]} rows for {batch} reference groups: give one row per group, or one list for all.")
+        w = w[b]
+        if w.ndim == 1 and w.shape[0] > n and not w[n:].any():
+            w = w[:n]  # rows of a [B, N_max] tensor are zero-padded for groups with fewer references
     if w.shape != (n,):
         raise ConfigError(f"reference weights must give one weight per reference: group {b} has {n} references, got {tuple(w.shape)} weights.")
-    if (w < 0).any() or w.sum() <= 0:
+    if not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
         raise ConfigError(f"reference weights must be non-negative with a positive sum, got {w.tolist()}.")
     return w
 

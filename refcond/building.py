@@ -11,7 +11,14 @@ import torch
 
 from refcond.checkpoints import import_checkpoint
 from refcond.config import Composition, validate_config
-from refcond.contracts import Aggregator, Backbone, BuildContext, Encoder, ImportedCheckpoint, Injector
+from refcond.contracts import (
+    Aggregator,
+    Backbone,
+    BuildContext,
+    Encoder,
+    ImportedCheckpoint,
+    Injector,
+)
 from refcond.errors import CheckpointError, ConfigError, IncompatibleBackboneError
 from refcond.plugins import Plugins
 from refcond.registry import Registry
@@ -78,19 +85,26 @@ def build(
     else:
         comp = resolve_composition(composition, registry)
 
-    # The backbone comes next: foreign-format importers check shapes against its UNet.
     backbone_spec = _backbone_spec(comp, overrides, pipeline, registry)
+    pending_import = checkpoint is not None and imported is None
+    if pending_import:
+        # The file's settings are not known yet; names can still be checked before anything loads.
+        for _, kind, spec in comp.with_overrides(overrides or {}).specs():
+            registry.get(kind, spec.name)
+    else:
+        # Every name and config is checked before the backbone (which may load weights) is built.
+        comp = _finalise(comp, overrides, backbone_spec)
+        typed = comp.validate_components(registry)
+
+    # The backbone comes next: foreign-format importers check shapes against its UNet.
     backbone_entry = registry.get("backbone", backbone_spec["name"])
     backbone_config = validate_config(backbone_entry.config, backbone_spec.get("config", {}), where=f"backbone {backbone_entry.name!r}")
     backbone: Backbone = backbone_entry.obj(backbone_config, BuildContext(extras={"pipeline": pipeline}))
 
-    if checkpoint is not None and imported is None:
-        imported = import_checkpoint(checkpoint, registry, backbone, allow_pickle=allow_pickle)
-        comp = comp.with_overrides(imported.composition)
-    if overrides:
-        comp = comp.with_overrides(overrides)
-    comp = comp.model_copy(update={"backbone": None}).with_overrides({"backbone": backbone_spec})
-    typed = comp.validate_components(registry)
+    if pending_import:
+        imported = import_checkpoint(checkpoint, registry, backbone, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+        comp = _finalise(comp.with_overrides(imported.composition), overrides, backbone_spec)
+        typed = comp.validate_components(registry)
 
     context = BuildContext(backbone=backbone)
     context.encoder = registry.get("encoder", comp.encoder.name).obj(typed["encoder"], context)
@@ -102,6 +116,13 @@ def build(
     if imported is not None:
         load_weights(built, imported)
     return built
+
+
+def _finalise(comp: Composition, overrides: Mapping[str, Any] | None, backbone_spec: dict[str, Any]) -> Composition:
+    """Apply the caller's overrides, then pin the backbone that is actually used."""
+    if overrides:
+        comp = comp.with_overrides(overrides)
+    return comp.model_copy(update={"backbone": None}).with_overrides({"backbone": backbone_spec})
 
 
 def _backbone_spec(comp: Composition, overrides: Mapping[str, Any] | None, pipeline: Any, registry: Registry) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import sys
+import typing
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -85,10 +86,14 @@ class Composition(BaseModel):
     def from_file(cls, path: str | Path) -> Composition:
         """Read a composition from a ``.toml`` or ``.json`` file."""
         path = Path(path)
+        if path.suffix.lower() not in (".toml", ".json"):
+            raise ConfigError(f"composition file {str(path)!r} must end in .toml or .json, not {path.suffix or 'nothing'!r}.")
         try:
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
-            raise ConfigError(f"cannot read composition file {str(path)!r}: {exc.strerror}") from None
+            raise ConfigError(f"cannot read composition file {str(path)!r}: {exc.strerror or exc}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"composition file {str(path)!r} is not UTF-8 text.") from None
         try:
             data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
@@ -177,14 +182,40 @@ def validate_config(model: type[BaseModel] | None, values: Mapping[str, Any] | B
 
 
 def _describe(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
-    fields = list(model.model_fields)
     lines = [f"invalid configuration for {where}:"]
     for error in exc.errors():
         loc = ".".join(str(p) for p in error["loc"]) or "(root)"
         if error["type"] == "extra_forbidden":
             field_name = str(error["loc"][-1])
+            owner = _model_at(model, error["loc"][:-1])
+            fields = list(owner.model_fields) if owner is not None else []
             hint = did_you_mean(field_name, fields)
             lines.append(f"  - unknown field {loc!r}.{hint} Valid fields: {', '.join(fields) or 'none'}.")
+        elif error["type"] == "missing":
+            lines.append(f"  - missing required field {loc!r}.")
         else:
             lines.append(f"  - {loc}: {error['msg']} (got {error.get('input')!r})")
     return "\n".join(lines)
+
+
+def _model_at(model: type[BaseModel], path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the field at ``path`` (list indices skipped), for error hints."""
+    current: type[BaseModel] | None = model
+    for part in path:
+        if isinstance(part, int):
+            continue
+        field_info = current.model_fields.get(str(part)) if current is not None else None
+        if field_info is None:
+            return None
+        current = _inner_model(field_info.annotation)
+    return current
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None

@@ -36,7 +36,9 @@ class _TokenSequence:
             if tuple(value.shape) != expected:
                 raise ValueError(f"{name}.{attr} must have shape {expected} (batch, length), got {tuple(value.shape)}")
         if self.mask.dtype != torch.bool:
-            raise ValueError(f"{name}.mask must be a bool tensor, got {self.mask.dtype}")
+            raise ValueError(f"{name}.mask must be a bool tensor, got {self.mask.dtype}; build it with dtype=torch.bool")
+        if self.source.dtype.is_floating_point or self.source.dtype == torch.bool:
+            raise ValueError(f"{name}.source must hold reference indices as torch.long, got {self.source.dtype}")
 
     @property
     def batch_size(self) -> int:
@@ -59,6 +61,11 @@ class _TokenSequence:
     @classmethod
     def concat_batches(cls, items: Sequence[Any]) -> Any:
         """Stack several sequences along the batch, padding lengths (padding is masked out)."""
+        if not items:
+            raise ValueError(f"{cls.__name__}.concat_batches needs at least one item")
+        dims = {item.dim for item in items}
+        if len(dims) != 1:
+            raise ValueError(f"{cls.__name__}.concat_batches needs one token size, got {sorted(dims)}")
         length = max(item.tokens.shape[1] for item in items)
 
         def pad(t: torch.Tensor, value: Any) -> torch.Tensor:

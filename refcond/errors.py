@@ -34,7 +34,20 @@ class UnknownComponentError(RefcondError, KeyError):
 
 
 class DuplicateComponentError(RefcondError):
-    """Two plugins registered the same name for the same kind of component."""
+    """Two plugins registered the same name for the same kind of component.
+
+    ``first`` and ``second`` are the provenances (plugin, distribution, version) of the two entries.
+    """
+
+    def __init__(self, kind: str, name: str, first: object, second: object):
+        self.kind = kind
+        self.name = name
+        self.first = first
+        self.second = second
+        super().__init__(
+            f"{kind} {name!r} is registered twice: by {first} and by {second}. Uninstall one of them, "
+            "or restrict loading with REFCOND_LOAD_PLUGINS=name1,name2."
+        )
 
 
 class PluginError(RefcondError):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import PIL.Image
@@ -12,7 +11,7 @@ import torch
 
 from refcond.errors import ReferenceImageError
 
-ReferenceInput = Union[str, Path, PIL.Image.Image, np.ndarray, torch.Tensor]
+ReferenceInput = str | Path | PIL.Image.Image | np.ndarray | torch.Tensor
 
 
 def load_references(references: ReferenceInput | Sequence[ReferenceInput] | None) -> list[PIL.Image.Image]:
@@ -23,7 +22,7 @@ def load_references(references: ReferenceInput | Sequence[ReferenceInput] | None
     """
     if references is None:
         raise ReferenceImageError(_NO_REFERENCES)
-    if isinstance(references, (str, Path, PIL.Image.Image, np.ndarray, torch.Tensor)):
+    if not isinstance(references, (list, tuple)):  # one image (any other object is reported as unsupported)
         references = [references]
     images = [load_reference(item, index) for index, item in enumerate(references)]
     if not images:
@@ -51,7 +50,7 @@ def load_reference(item: ReferenceInput, index: int = 0) -> PIL.Image.Image:
             with PIL.Image.open(path) as opened:
                 opened.load()
                 image = opened.copy()
-        except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        except (PIL.UnidentifiedImageError, PIL.Image.DecompressionBombError, OSError, SyntaxError, ValueError) as exc:
             raise ReferenceImageError(
                 f"{where}: not a readable image ({type(exc).__name__}: {exc}). "
                 "Pass a PNG, JPEG, WebP or other format that Pillow opens."
@@ -59,7 +58,10 @@ def load_reference(item: ReferenceInput, index: int = 0) -> PIL.Image.Image:
     elif isinstance(item, PIL.Image.Image):
         image = item
     elif isinstance(item, torch.Tensor):
-        image = _from_array(item.detach().cpu().numpy(), where, channels_first=True)
+        tensor = item.detach().cpu()
+        if tensor.is_floating_point():
+            tensor = tensor.float()  # numpy has no bfloat16
+        image = _from_array(tensor.numpy(), where, channels_first=True)
     elif isinstance(item, np.ndarray):
         image = _from_array(item, where, channels_first=False)
     else:
@@ -87,6 +89,10 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
+#: Rounding noise tolerated outside [0, 1] in float images (e.g. from a VAE decode).
+_FLOAT_SLACK = 1e-3
+
+
 def _from_array(array: np.ndarray, where: str, channels_first: bool) -> PIL.Image.Image:
     if array.ndim == 3 and channels_first and array.shape[0] in (1, 3, 4):
         array = np.moveaxis(array, 0, -1)
@@ -101,6 +107,12 @@ def _from_array(array: np.ndarray, where: str, channels_first: bool) -> PIL.Imag
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise ReferenceImageError(f"{where}: the array contains NaN or infinite values.")
+        low, high = float(array.min()), float(array.max())
+        if low < -_FLOAT_SLACK or high > 1.0 + _FLOAT_SLACK:
+            raise ReferenceImageError(
+                f"{where}: float image values must lie in [0, 1], got [{low:g}, {high:g}]. "
+                "Divide 0..255 values by 255, or map -1..1 values with (x + 1) / 2."
+            )
         array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise ReferenceImageError(f"{where}: unsupported array dtype {array.dtype}; use uint8, uint16 or float in [0, 1].")

@@ -82,11 +82,7 @@ class Registry:
         """Add an entry; a name already taken for that kind is an error naming both plugins."""
         taken = self._entries[entry.kind].get(entry.name)
         if taken is not None:
-            raise DuplicateComponentError(
-                f"{entry.kind} {entry.name!r} is registered twice: by {taken.provenance} and by "
-                f"{entry.provenance}. Uninstall one of them, or restrict loading with "
-                "REFCOND_LOAD_PLUGINS=name1,name2."
-            )
+            raise DuplicateComponentError(entry.kind.replace("_", " "), entry.name, taken.provenance, entry.provenance)
         self._entries[entry.kind][entry.name] = entry
 
     def get(self, kind: Kind, name: str) -> Entry:
@@ -128,6 +124,7 @@ class Registry:
                 raise TypeError(f"{provenance}: register() needs a non-empty string name, got {name!r}")
             if config is not None and not (isinstance(config, type) and issubclass(config, BaseModel)):
                 raise TypeError(f"{provenance}: config for {kind} {name!r} must be a pydantic model class, got {config!r}")
+            _check_object(kind, name, obj, provenance)
             entry = Entry(kind, name, obj, config, provenance, description or _first_doc_line(obj))
             self.add(entry)
             added.append(entry)
@@ -139,6 +136,16 @@ class Registry:
         for entry in entries:
             if self._entries[entry.kind].get(entry.name) is entry:
                 del self._entries[entry.kind][entry.name]
+
+
+def _check_object(kind: Kind, name: str, obj: Any, provenance: Provenance) -> None:
+    """Reject, at registration, an object that could only fail later, when it is built."""
+    if kind in COMPONENT_KINDS and not callable(obj):
+        raise TypeError(f"{provenance}: {kind} {name!r} must be registered with a factory(config, context), got {type(obj).__name__}")
+    if kind == "checkpoint_format" and not (callable(getattr(obj, "detect", None)) and callable(getattr(obj, "convert", None))):
+        raise TypeError(f"{provenance}: checkpoint format {name!r} must have detect() and convert() methods, got {type(obj).__name__}")
+    if kind == "composition" and not isinstance(obj, (Mapping, BaseModel)):
+        raise TypeError(f"{provenance}: composition {name!r} must be a refcond.Composition or a dict, got {type(obj).__name__}")
 
 
 def _first_doc_line(obj: Any) -> str:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from refcond.backbones.diffusers_backbone import BackboneConfig, DiffusersBackbone, SD15Backbone, SDXLBackbone
+from refcond.backbones.diffusers_backbone import (
+    BackboneConfig,
+    DiffusersBackbone,
+    SD15Backbone,
+    SDXLBackbone,
+)
 from refcond.hookspecs import hookimpl
 from refcond.registry import Register
 

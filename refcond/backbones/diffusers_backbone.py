@@ -5,7 +5,12 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from pydantic import Field
 
 from refcond.config import ComponentConfig

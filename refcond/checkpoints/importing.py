@@ -26,16 +26,37 @@ def import_checkpoint(
         state_dict, metadata = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
         where = str(checkpoint)
     for entry in registry.entries("checkpoint_format"):
-        if entry.obj.detect(state_dict, metadata):
-            try:
-                imported: ImportedCheckpoint = entry.obj.convert(state_dict, metadata, backbone)
-            except RefcondError as exc:
-                raise type(exc)(f"{where} ({entry.name} format): {exc}") from None
-            imported.source = imported.source or entry.name
-            return imported
+        try:
+            detected = entry.obj.detect(state_dict, metadata)
+        except Exception as exc:  # a format plugin's bug, reported with its name
+            raise CheckpointError(
+                f"{where}: checkpoint format {entry.name!r} ({entry.provenance}) failed while detecting the file: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not detected:
+            continue
+        try:
+            imported: ImportedCheckpoint = entry.obj.convert(state_dict, metadata, backbone)
+        except RefcondError as exc:
+            raise _with_context(exc, f"{where} ({entry.name} format): {exc}") from None
+        except Exception as exc:  # as above
+            raise CheckpointError(
+                f"{where}: checkpoint format {entry.name!r} ({entry.provenance}) failed to convert the file: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        imported.source = imported.source or entry.name
+        return imported
     sample = ", ".join(sorted(state_dict)[:5]) or "no keys"
     raise CheckpointError(
         f"{where}: no registered checkpoint format recognises this file (first keys: {sample}). "
         f"Known formats: {', '.join(registry.names('checkpoint_format')) or 'none'}. "
         "Install the plugin that provides its format, or convert it."
     )
+
+
+def _with_context(exc: RefcondError, message: str) -> RefcondError:
+    """The same kind of error with the file and format prepended (or a CheckpointError if it takes other arguments)."""
+    try:
+        return type(exc)(message)
+    except TypeError:
+        return CheckpointError(message)

@@ -75,8 +75,14 @@ def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, torch.Te
 def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
     """Write tensors to ``path`` atomically (temporary file in the same folder, then rename)."""
     path = Path(path)
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"cannot write {str(path)!r}: key {key!r} holds a {type(value).__name__}, not a tensor.")
+    bad_meta = {k: type(v).__name__ for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))}
+    if bad_meta:
+        raise CheckpointError(f"cannot write {str(path)!r}: safetensors metadata must map str to str; not strings: {bad_meta}.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -86,3 +92,16 @@ def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], 
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy tensors that share memory with an earlier one (tied weights), which safetensors refuses."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, tensor in tensors.items():
+        ident = (tensor.untyped_storage().data_ptr(), tensor.device.index or 0)
+        if tensor.numel() and ident in seen:
+            tensor = tensor.clone()
+        seen.add(ident)
+        out[key] = tensor
+    return out
