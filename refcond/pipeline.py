@@ -127,7 +127,9 @@ class RefcondPipeline:
             output_type=output_type,
         )
         call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
-        with ExitStack() as stack:
+        # Generation is inference: the per-call projections must not build an autograd graph that
+        # lives through every denoising step (diffusers' own __call__ runs under no_grad too).
+        with torch.no_grad(), ExitStack() as stack:
             for attachment in self._attachments:
                 stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
             return self.pipeline(num_images_per_prompt=num_images_per_prompt, **call_kwargs, **pipeline_kwargs)
