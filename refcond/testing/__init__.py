@@ -4,6 +4,14 @@ Use the fixtures in a plugin's tests with ``pytest_plugins = ["refcond.testing.f
 ``conftest.py``.
 """
 
+from refcond.testing.conformance import (
+    check_aggregator,
+    check_encoder,
+    check_injector,
+    make_condition,
+    make_encoding,
+)
+from refcond.testing.images import reference_images
 from refcond.testing.models import (
     IMAGE_ENCODER_SIZE,
     IMAGE_SIZE,
@@ -16,11 +24,15 @@ from refcond.testing.models import (
     tiny_unet,
     tiny_vae,
 )
-from refcond.testing.images import reference_images
 
 __all__ = [
     "IMAGE_ENCODER_SIZE",
     "IMAGE_SIZE",
+    "check_aggregator",
+    "check_encoder",
+    "check_injector",
+    "make_condition",
+    "make_encoding",
     "reference_images",
     "tiny_feature_extractor",
     "tiny_image_encoder",

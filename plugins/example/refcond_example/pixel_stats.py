@@ -1,0 +1,98 @@
+"""The ``pixel-stats`` encoder: colour statistics of each reference, projected to a few tokens.
+
+It is deliberately tiny (a single ``Linear``): an example of an encoder with trainable weights, a
+validated config and the encoder contract, not a useful image representation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL.Image import Image, Resampling
+from pydantic import Field, field_validator
+
+from refcond import BuildContext, ComponentConfig, ReferenceEncoding
+
+
+class PixelStatsConfig(ComponentConfig):
+    """Options of the ``pixel-stats`` encoder."""
+
+    dim: int = Field(default=64, gt=0, description="Size of every token: the encoder's embedding_dim.")
+    tokens: int = Field(default=1, ge=1, le=64, description="Tokens per reference.")
+    image_size: int = Field(default=32, ge=4, le=1024, description="References are resized to image_size x image_size pixels first.")
+    quantiles: tuple[float, ...] = Field(
+        default=(0.1, 0.5, 0.9),
+        min_length=1,
+        description="Quantiles of each colour channel taken besides its mean and standard deviation, each in [0, 1].",
+    )
+    seed: int = Field(default=0, description="Seed of the projection's initial weights, so two builds are identical.")
+
+    @field_validator("quantiles")
+    @classmethod
+    def _in_unit_interval(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        outside = [q for q in value if not 0.0 <= q <= 1.0]
+        if outside:
+            raise ValueError(f"quantiles must lie in [0, 1]; got {outside}")
+        return value
+
+
+class PixelStatsEncoder(torch.nn.Module):
+    """Per reference: mean, standard deviation and quantiles of each RGB channel -> ``tokens`` tokens.
+
+    Every reference yields ``config.tokens`` tokens whose ``source`` is the reference's index, so
+    per-reference aggregators (``mean``, ``max``, ``concat``) apply. The unconditional encoding is
+    all zeros with the same layout.
+    """
+
+    def __init__(self, config: PixelStatsConfig):
+        super().__init__()
+        self.config = config
+        self.embedding_dim = config.dim
+        features = 3 * (2 + len(config.quantiles))
+        generator = torch.Generator().manual_seed(config.seed)
+        self.proj = torch.nn.Linear(features, config.tokens * config.dim)
+        with torch.no_grad():  # seeded initialisation, not part of any forward pass
+            self.proj.weight.copy_(torch.randn(self.proj.weight.shape, generator=generator) / features**0.5)
+            self.proj.bias.zero_()
+
+    @classmethod
+    def from_config(cls, config: PixelStatsConfig, context: BuildContext) -> PixelStatsEncoder:
+        """Build the encoder on the backbone's device and dtype (CPU float32 without a backbone)."""
+        encoder = cls(config)
+        backbone = context.backbone
+        if backbone is not None:
+            encoder.to(device=getattr(backbone, "device", None), dtype=getattr(backbone, "dtype", None))
+        return encoder
+
+    def statistics(self, images: Sequence[Image]) -> torch.Tensor:
+        """``[M, 3 * (2 + len(quantiles))]``: the colour statistics of each image."""
+        size = self.config.image_size
+        pixels = np.stack([np.asarray(im.convert("RGB").resize((size, size), Resampling.BILINEAR), dtype=np.float32) for im in images])
+        x = torch.from_numpy(pixels / 255.0).flatten(1, 2)  # [M, H*W, 3]
+        q = torch.quantile(x, torch.tensor(self.config.quantiles), dim=1)  # [Q, M, 3]
+        stats = torch.cat([x.mean(dim=1), x.std(dim=1, unbiased=False), *q], dim=-1)
+        return stats.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
+
+    def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        counts = [len(group) for group in references]
+        flat = [image for group in references for image in group]
+        tokens = self.proj(self.statistics(flat)).reshape(len(flat), self.config.tokens, self.config.dim)
+        return _rows(tokens, counts)
+
+    def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        """Zeros with the layout of ``encoding``: "no reference" for classifier-free guidance."""
+        return ReferenceEncoding(torch.zeros_like(encoding.tokens), encoding.mask, encoding.source)
+
+
+def _rows(tokens: torch.Tensor, counts: list[int]) -> ReferenceEncoding:
+    """Lay ``[M, T, D]`` per-image tokens out as one padded row per group, sources per reference."""
+    per_image = tokens.shape[1]
+    rows, start = [], 0
+    for count in counts:
+        row = tokens[start : start + count].reshape(1, count * per_image, -1)
+        source = torch.arange(count, device=tokens.device).repeat_interleave(per_image)[None]
+        rows.append(ReferenceEncoding(row, torch.ones_like(source, dtype=torch.bool), source))
+        start += count
+    return ReferenceEncoding.concat_batches(rows)
