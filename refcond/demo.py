@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 import refcond
-from refcond.cli.files import write_image, write_json
+from refcond.files import write_image, write_json
 from refcond.plugins import Plugins, get_plugins
 from refcond.testing import reference_images, tiny_sd15_pipeline
 

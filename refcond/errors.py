@@ -66,6 +66,10 @@ class ReferenceImageError(RefcondError, ValueError):
     """A reference image is missing, unreadable or of an unsupported kind."""
 
 
+class OutputError(RefcondError, OSError):
+    """A file could not be written (an unwritable folder, a full disk); the old file, if any, is intact."""
+
+
 class IncompatibleBackboneError(RefcondError, ValueError):
     """A component or checkpoint was made for another backbone than the one it is attached to."""
 

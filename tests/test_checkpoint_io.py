@@ -270,3 +270,12 @@ def test_build_refuses_keys_for_a_role_the_composition_lacks(tmp_path):
     with pytest.raises(CheckpointError, match=r"key 'injector\.3\.w' belongs to role 'injector\.3', which this composition does not have\. Roles: encoder, aggregator, injector\.0\."):
         build(None, plugins, checkpoint=path)
 
+
+
+def test_written_files_follow_the_umask_not_private_temp_modes(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        path = write_safetensors(tmp_path / "shared.safetensors", weights())
+    finally:
+        os.umask(previous)
+    assert path.stat().st_mode & 0o777 == 0o644

@@ -22,15 +22,6 @@ from refcond.cli.generate import parse_overrides
 from refcond.testing import reference_images, tiny_sd15_pipeline
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run fastest on one thread, above all on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD1.5 pipeline saved as a local diffusers folder, as `--model` takes it."""
@@ -203,6 +194,18 @@ def test_generate_with_the_same_seed_gives_the_same_image(model_dir, ip_adapter_
         assert result.stdout == "" and "[1/3]" not in result.stderr
         images.append(np.asarray(PIL.Image.open(tmp_path / name)))
     assert np.array_equal(images[0], images[1])
+
+
+def test_generate_from_a_refcond_checkpoint_needs_no_model_or_composition(model_dir, ref_args, tmp_path):
+    """A refcond checkpoint records its composition and the model it was made on."""
+    from diffusers import StableDiffusionPipeline
+
+    rp = refcond.from_pipe(StableDiffusionPipeline.from_pretrained(model_dir), "ip-adapter", aggregator="concat")
+    checkpoint = rp.save(tmp_path / "mine.safetensors")
+    result = invoke("generate", "--checkpoint", checkpoint, *ref_args, "-p", "a cat", "--steps", 2, "-o", tmp_path / "o.png", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"] == str(model_dir) and report["composition"]["aggregator"]["name"] == "concat"
 
 
 def test_generate_from_a_composition_file_with_set_overrides(model_dir, ref_args, tmp_path):

@@ -24,7 +24,7 @@ class BackboneConfig(ComponentConfig):
     """How to obtain the diffusers pipeline when refcond builds it (``refcond.load``, the CLI)."""
 
     model: str | None = Field(default=None, description="Hugging Face hub id or local folder of the diffusers pipeline.")
-    torch_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Weights dtype; default float32.")
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Weights dtype; default float32.")
     variant: str | None = Field(default=None, description="Weights variant on the hub, e.g. 'fp16'.")
     device: str | None = Field(default=None, description="Device to move the pipeline to, e.g. 'cuda'.")
 
@@ -45,7 +45,7 @@ class DiffusersBackbone:
                 )
             pipeline = self.pipeline_class.from_pretrained(
                 config.model,
-                torch_dtype=DTYPES[config.torch_dtype] if config.torch_dtype else None,
+                dtype=DTYPES[config.dtype] if config.dtype else None,
                 variant=config.variant,
             )
             if config.device:

@@ -8,16 +8,15 @@ into place, so an interrupted write never leaves a truncated file.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from refcond.errors import CheckpointError
+from refcond.files import atomic_write
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -32,11 +31,8 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found{' (it is a folder)' if path.is_dir() else ''}.")
     if path.suffix.lower() == ".safetensors":
+        metadata = read_metadata(path)
         try:
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                metadata = dict(handle.metadata() or {})
             return load_file(str(path)), metadata
         except (SafetensorError, OSError, ValueError) as exc:
             raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {exc}") from None
@@ -59,6 +55,15 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     )
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The metadata of a ``.safetensors`` file, read from its header without loading any tensor."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {exc}") from None
+
+
 def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:
     flat: dict[str, torch.Tensor] = {}
     for key, value in tree.items():
@@ -73,7 +78,7 @@ def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, torch.Te
 
 
 def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-    """Write tensors to ``path`` atomically (temporary file in the same folder, then rename)."""
+    """Write tensors to ``path`` atomically (see :func:`refcond.files.atomic_write`)."""
     path = Path(path)
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
@@ -81,17 +86,8 @@ def write_safetensors(path: str | Path, state_dict: Mapping[str, torch.Tensor], 
     bad_meta = {k: type(v).__name__ for k, v in (metadata or {}).items() if not (isinstance(k, str) and isinstance(v, str))}
     if bad_meta:
         raise CheckpointError(f"cannot write {str(path)!r}: safetensors metadata must map str to str; not strings: {bad_meta}.")
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = _unshared({k: v.detach().contiguous().cpu() for k, v in state_dict.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
 
 
 def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -26,6 +26,16 @@ def metadata_for(composition: dict[str, Any]) -> dict[str, str]:
     return {COMPOSITION_KEY: json.dumps(composition, sort_keys=True), VERSION_KEY: FORMAT_VERSION}
 
 
+def stored_composition(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The composition a refcond checkpoint's metadata records, or ``None`` for other files."""
+    if COMPOSITION_KEY not in metadata:
+        return None
+    try:
+        return json.loads(metadata[COMPOSITION_KEY])
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"metadata {COMPOSITION_KEY!r} is not valid JSON: {exc}") from None
+
+
 class RefcondFormat:
     """Files written by :meth:`refcond.RefcondPipeline.save`."""
 
@@ -39,10 +49,8 @@ class RefcondFormat:
                 f"refcond checkpoint format version {version!r} is not supported by this refcond "
                 f"(it reads version {FORMAT_VERSION}). Upgrade refcond."
             )
-        try:
-            composition = json.loads(metadata[COMPOSITION_KEY])
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"metadata {COMPOSITION_KEY!r} is not valid JSON: {exc}") from None
+        composition = stored_composition(metadata)
+        assert composition is not None  # detect() saw the key
         return ImportedCheckpoint(composition=composition, state_dict=dict(state_dict), source="refcond")
 
 

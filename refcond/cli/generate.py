@@ -15,9 +15,10 @@ import torch
 
 import refcond
 from refcond.building import build, resolve_composition
-from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint
+from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata
+from refcond.checkpoints.native import stored_composition
 from refcond.cli.app import state
-from refcond.cli.files import image_format, write_image
+from refcond.files import image_format, write_image
 from refcond.config import Composition
 from refcond.errors import ConfigError
 from refcond.images import load_references
@@ -137,7 +138,7 @@ def backbone_override(
     """
     current = recipe.backbone.model_dump() if recipe.backbone else {"name": None, "config": {}}
     config = {**current["config"], **given.get("config", {})}
-    config.update({k: v for k, v in (("model", model), ("torch_dtype", dtype), ("device", device)) if v is not None})
+    config.update({k: v for k, v in (("model", model), ("dtype", dtype), ("device", device)) if v is not None})
     if config.get("model") is None:
         raise click.UsageError("no model to load: pass --model with a hub id or a local folder of a diffusers pipeline.")
     name = name or given.get("name") or current["name"] or backbone_for_model(config["model"], registry)
@@ -201,10 +202,10 @@ Examples:
 @click.option(
     "-c",
     "--composition",
-    default="ip-adapter",
-    show_default=True,
+    default=None,
     metavar="NAME|FILE",
-    help="A registered composition (see `refcond plugins`) or a .toml/.json composition file.",
+    help="A registered composition (see `refcond plugins`) or a .toml/.json composition file. "
+    "Default: the composition stored in a refcond --checkpoint, else ip-adapter.",
 )
 @click.option(
     "-r",
@@ -324,7 +325,11 @@ def generate(
     plugins = st.get_plugins()
     st.warn_failures()
     registry = plugins.registry
-    recipe = resolve_composition(composition, registry)
+    stored = stored_composition(read_metadata(checkpoint)) if checkpoint is not None and checkpoint.suffix == ".safetensors" else None
+    if composition is None and stored is not None:  # a refcond checkpoint knows its composition and model
+        recipe = Composition.parse(stored, where=f"composition stored in {checkpoint}")
+    else:
+        recipe = resolve_composition(composition or "ip-adapter", registry)
 
     overrides["backbone"] = backbone_override(
         recipe, overrides.pop("backbone", {}), registry, model=model, name=backbone, dtype=dtype, device=device
@@ -337,7 +342,7 @@ def generate(
         seed = random.SystemRandom().randrange(2**31)
     timings: dict[str, float] = {"prepare": time.perf_counter() - started}
     t = time.perf_counter()
-    st.status(f"[1/3] Loading {overrides['backbone']['name']} pipeline {model} with composition {recipe.name or composition!r}...")
+    st.status(f"[1/3] Loading {overrides['backbone']['name']} pipeline {model} with composition {recipe.name or composition or 'from the checkpoint'!r}...")
     try:
         with _loading_bars(enabled=not quiet):
             built = build(recipe, plugins, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=overrides)

@@ -1,7 +1,7 @@
-"""Writing the CLI's and the demo's outputs atomically: a temporary file in the target folder, then a rename.
+"""Writing files atomically: a temporary file in the target folder, then a rename.
 
-An interrupted run therefore never leaves a truncated image or report behind, and a reader never
-sees a half-written file.
+Every file refcond writes (checkpoints, images, reports) goes through :func:`atomic_write`, so an
+interrupted run never leaves a truncated file behind and a reader never sees a half-written one.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import PIL.Image
 
-from refcond.errors import ConfigError
+from refcond.errors import ConfigError, OutputError
 
 
 def image_format(path: str | Path) -> str:
@@ -35,20 +35,33 @@ def image_format(path: str | Path) -> str:
     return formats[suffix]
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> Path:
-    # Not mkstemp: its files are private (0600); the writer creates this one with the user's umask.
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary path beside ``path``, then rename it into place.
+
+    Parent folders are created. The old file, if any, stays intact when ``write`` fails; an
+    :class:`OSError` becomes an :class:`OutputError` naming the path.
+    """
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write(tmp)
+        # Some writers (safetensors) create private 0600 files: give it the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise ConfigError(f"cannot write {str(path)!r}: {exc.strerror or exc}.") from None
+        raise OutputError(f"cannot write {str(path)!r}: {exc.strerror or exc}.") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def write_image(path: str | Path, image: PIL.Image.Image) -> Path:
@@ -57,11 +70,11 @@ def write_image(path: str | Path, image: PIL.Image.Image) -> Path:
     fmt = image_format(path)
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    return _atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
+    return atomic_write(path, lambda tmp: image.save(tmp, format=fmt))
 
 
 def write_json(path: str | Path, data: Any) -> Path:
     """Write ``data`` as indented, key-sorted UTF-8 JSON with a final newline; returns the path."""
     path = Path(path)
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-    return _atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
