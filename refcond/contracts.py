@@ -93,6 +93,25 @@ class ReferenceEncoding(_TokenSequence):
         :data:`MIXED_SOURCE` (-1) for tokens that mix references or carry text.
     """
 
+    @classmethod
+    def from_references(cls, features: torch.Tensor, counts: Sequence[int]) -> ReferenceEncoding:
+        """Lay out per-reference features as one padded row per group.
+
+        :param features: ``[M, T, D]``, the ``T`` tokens of each of the ``M`` references of all
+            groups, group after group (for an encoder that reads each reference on its own).
+        :param counts: how many references each group has (summing to ``M``).
+        """
+        if sum(counts) != features.shape[0]:
+            raise ValueError(f"counts {list(counts)} add up to {sum(counts)}, but there are features for {features.shape[0]} references")
+        per_reference = features.shape[1]
+        rows, start = [], 0
+        for count in counts:
+            tokens = features[start : start + count].reshape(1, count * per_reference, -1)
+            source = torch.arange(count, device=features.device).repeat_interleave(per_reference)[None]
+            rows.append(cls(tokens, torch.ones_like(source, dtype=torch.bool), source))
+            start += count
+        return cls.concat_batches(rows)
+
 
 @dataclass(frozen=True)
 class Condition(_TokenSequence):

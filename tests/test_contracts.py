@@ -92,3 +92,14 @@ def test_concat_batches_rejects_nothing_and_mixed_token_sizes():
         ReferenceEncoding.concat_batches([])
     with pytest.raises(ValueError, match=r"needs one token size, got \[4, 6\]"):
         ReferenceEncoding.concat_batches([encoding(1, 2, dim=4), encoding(1, 2, dim=6)])
+
+
+def test_from_references_lays_out_one_row_per_group_with_sources():
+    features = torch.arange(5 * 2 * 3, dtype=torch.float32).reshape(5, 2, 3)  # 5 references, 2 tokens each
+    encoding = ReferenceEncoding.from_references(features, [3, 2])
+    assert encoding.tokens.shape == (2, 6, 3)
+    assert encoding.source.tolist() == [[0, 0, 1, 1, 2, 2], [0, 0, 1, 1, -1, -1]]
+    assert encoding.mask.tolist() == [[True] * 6, [True] * 4 + [False] * 2]
+    assert torch.equal(encoding.tokens[1, :4], features[3:].reshape(4, 3))
+    with pytest.raises(ValueError, match=r"add up to 4, but there are features for 5 references"):
+        ReferenceEncoding.from_references(features, [2, 2])

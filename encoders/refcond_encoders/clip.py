@@ -85,7 +85,7 @@ class ClipEncoder(torch.nn.Module):
     def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
         flat = [image for group in references for image in group]
         features = self._features(self._pixels(flat))
-        return _group(features, [len(group) for group in references])
+        return ReferenceEncoding.from_references(features, [len(group) for group in references])
 
     def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
         """Zeros for pooled embeddings; CLIP run on all-zero pixels for hidden states (as diffusers does)."""
@@ -95,17 +95,5 @@ class ClipEncoder(torch.nn.Module):
         zeros = torch.zeros(1, 3, size["height"], size["width"], device=self.clip.device, dtype=self.clip.dtype)
         blank = self._features(zeros)[0]  # [T, D]; the same for every reference
         counts = [len(group) for group in references]
-        return _group(blank.expand(sum(counts), -1, -1), counts)
+        return ReferenceEncoding.from_references(blank.expand(sum(counts), -1, -1), counts)
 
-
-def _group(features: torch.Tensor, counts: list[int]) -> ReferenceEncoding:
-    """Lay ``[M, T, D]`` per-image features out as one row per group, with per-reference sources."""
-    tokens_per_image = features.shape[1]
-    rows, start = [], 0
-    for count in counts:
-        tokens = features[start : start + count].reshape(1, count * tokens_per_image, -1)
-        source = torch.arange(count, device=features.device).repeat_interleave(tokens_per_image)[None]
-        mask = torch.ones_like(source, dtype=torch.bool)
-        rows.append(ReferenceEncoding(tokens, mask, source))
-        start += count
-    return ReferenceEncoding.concat_batches(rows)

@@ -18,9 +18,9 @@ from refcond.building import build, resolve_composition
 from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata
 from refcond.checkpoints.native import stored_composition
 from refcond.cli.app import state
-from refcond.files import image_format, write_image
 from refcond.config import Composition
 from refcond.errors import ConfigError
+from refcond.files import image_format, write_image
 from refcond.images import load_references
 from refcond.pipeline import RefcondPipeline
 from refcond.registry import Registry

@@ -79,20 +79,9 @@ class PixelStatsEncoder(torch.nn.Module):
         counts = [len(group) for group in references]
         flat = [image for group in references for image in group]
         tokens = self.proj(self.statistics(flat)).reshape(len(flat), self.config.tokens, self.config.dim)
-        return _rows(tokens, counts)
+        return ReferenceEncoding.from_references(tokens, counts)
 
     def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
         """Zeros with the layout of ``encoding``: "no reference" for classifier-free guidance."""
         return ReferenceEncoding(torch.zeros_like(encoding.tokens), encoding.mask, encoding.source)
 
-
-def _rows(tokens: torch.Tensor, counts: list[int]) -> ReferenceEncoding:
-    """Lay ``[M, T, D]`` per-image tokens out as one padded row per group, sources per reference."""
-    per_image = tokens.shape[1]
-    rows, start = [], 0
-    for count in counts:
-        row = tokens[start : start + count].reshape(1, count * per_image, -1)
-        source = torch.arange(count, device=tokens.device).repeat_interleave(per_image)[None]
-        rows.append(ReferenceEncoding(row, torch.ones_like(source, dtype=torch.bool), source))
-        start += count
-    return ReferenceEncoding.concat_batches(rows)
