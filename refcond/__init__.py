@@ -17,6 +17,7 @@ from refcond.contracts import (
     Encoder,
     ImportedCheckpoint,
     Injector,
+    ReferenceAdapter,
     ReferenceEncoding,
 )
 from refcond.errors import (
@@ -61,6 +62,7 @@ __all__ = [
     "Plugins",
     "RefcondError",
     "RefcondPipeline",
+    "ReferenceAdapter",
     "ReferenceEncoding",
     "ReferenceImageError",
     "UnknownComponentError",

@@ -30,8 +30,8 @@ class Built:
 
     composition: Composition
     backbone: Backbone
-    encoder: Encoder
-    aggregator: Aggregator
+    encoder: Encoder | None
+    aggregator: Aggregator | None
     injectors: list[Injector]
 
 
@@ -107,8 +107,9 @@ def build(
         typed = comp.validate_components(registry)
 
     context = BuildContext(backbone=backbone)
-    context.encoder = registry.get("encoder", comp.encoder.name).obj(typed["encoder"], context)
-    context.aggregator = registry.get("aggregator", comp.aggregator.name).obj(typed["aggregator"], context)
+    if comp.encoder is not None and comp.aggregator is not None:
+        context.encoder = registry.get("encoder", comp.encoder.name).obj(typed["encoder"], context)
+        context.aggregator = registry.get("aggregator", comp.aggregator.name).obj(typed["aggregator"], context)
     injectors = [
         registry.get("injector", spec.name).obj(typed[f"injectors[{i}]"], context) for i, spec in enumerate(comp.injectors)
     ]
@@ -143,7 +144,7 @@ def _backbone_spec(comp: Composition, overrides: Mapping[str, Any] | None, pipel
 
 def roles(built: Built) -> dict[str, Any]:
     """Role prefix in checkpoints -> component: ``encoder``, ``aggregator``, ``injector.<i>``."""
-    out: dict[str, Any] = {"encoder": built.encoder, "aggregator": built.aggregator}
+    out: dict[str, Any] = {"encoder": built.encoder, "aggregator": built.aggregator} if built.encoder is not None else {}
     out.update({f"injector.{i}": inj for i, inj in enumerate(built.injectors)})
     return out
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from refcond.errors import ConfigError, did_you_mean
 from refcond.registry import Kind, Registry
@@ -48,6 +55,8 @@ ROLES: dict[str, Kind] = {"backbone": "backbone", "encoder": "encoder", "aggrega
 class Composition(BaseModel):
     """A complete conditioning path: backbone, encoder, aggregator and one or more injectors.
 
+    Encoder and aggregator come as a pair, or not at all: a composition whose injectors need no
+    encoded condition (LoRA files; a LoRA tuned on the references themselves) has neither.
     Load one from a dict, a TOML or JSON file (:meth:`from_file`), or by the name of a registered
     recipe. A role may be written as a bare name (``aggregator = "mean"``) or as a table with
     ``name`` and ``config``. :meth:`validate_components` checks every config against the schema
@@ -58,9 +67,16 @@ class Composition(BaseModel):
 
     name: str | None = Field(default=None, description="Name of the recipe this composition came from, if any.")
     backbone: ComponentSpec | None = Field(default=None, description="Inferred from the pipeline when building from one.")
-    encoder: ComponentSpec
-    aggregator: ComponentSpec
+    encoder: ComponentSpec | None = Field(default=None, description="Turns the references into features; None for injectors that need none.")
+    aggregator: ComponentSpec | None = Field(default=None, description="Turns the features into a condition; set exactly when encoder is.")
     injectors: list[ComponentSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _encoder_and_aggregator_pair(self) -> Composition:
+        if (self.encoder is None) != (self.aggregator is None):
+            missing, present = ("aggregator", "encoder") if self.aggregator is None else ("encoder", "aggregator")
+            raise ValueError(f"the composition has an {present} but no {missing}: set both (e.g. encoder='clip', aggregator='mean') or neither")
+        return self
 
     @field_validator("backbone", "encoder", "aggregator", mode="before")
     @classmethod
@@ -105,8 +121,9 @@ class Composition(BaseModel):
         out: list[tuple[str, Kind, ComponentSpec]] = []
         if self.backbone is not None:
             out.append(("backbone", "backbone", self.backbone))
-        out.append(("encoder", "encoder", self.encoder))
-        out.append(("aggregator", "aggregator", self.aggregator))
+        if self.encoder is not None and self.aggregator is not None:
+            out.append(("encoder", "encoder", self.encoder))
+            out.append(("aggregator", "aggregator", self.aggregator))
         out.extend((f"injectors[{i}]", "injector", spec) for i, spec in enumerate(self.injectors))
         return out
 
@@ -138,7 +155,7 @@ class Composition(BaseModel):
             elif role == "injectors":
                 data["injectors"] = override
             else:
-                data[role] = _merge_spec(data[role], override)
+                data[role] = None if override is None else _merge_spec(data[role], override)  # None removes the role
         return Composition.parse(data)
 
 

@@ -189,19 +189,34 @@ class Attachment(Protocol):
 
     def condition(
         self,
-        condition: Condition,
+        condition: Condition | None,
         unconditional: Condition | None,
         scale: float | dict[str, Any] | None = None,
     ) -> AbstractContextManager[None]:
         """Feed a condition to the UNet for the duration of a ``with`` block (one generation).
 
-        ``unconditional`` is the condition of the classifier-free-guidance negative branch.
+        ``unconditional`` is the condition of the classifier-free-guidance negative branch. Both are
+        ``None`` when the composition has no encoder; an injector that needs them then refuses to build.
         Work that depends only on the condition is done here, once, not at every denoising step.
         """
         ...
 
     def detach(self) -> None:
         """Remove the injector, restoring the UNet exactly as it was before ``attach``."""
+        ...
+
+
+@runtime_checkable
+class ReferenceAdapter(Protocol):
+    """An :class:`Attachment` that learns from the references themselves before generating.
+
+    The tuning-based baseline (a LoRA fine-tuned on each reference group) is one. The pipeline calls
+    :meth:`adapt` before binding the condition; an implementation should cache its result by
+    reference content so a second prompt over the same references costs nothing.
+    """
+
+    def adapt(self, references: Sequence[Image], captions: Sequence[str] | None = None) -> None:
+        """Adapt to one reference group (RGB PIL images), with an optional caption per reference."""
         ...
 
 

@@ -16,7 +16,7 @@ from refcond.building import Built, build, roles
 from refcond.checkpoints.io import write_safetensors
 from refcond.checkpoints.native import metadata_for
 from refcond.config import Composition
-from refcond.contracts import Condition
+from refcond.contracts import Condition, ReferenceAdapter
 from refcond.errors import ConfigError, RefcondError, ReferenceImageError
 from refcond.images import ReferenceInput, load_references
 from refcond.plugins import Plugins, get_plugins
@@ -58,6 +58,11 @@ class RefcondPipeline:
         :returns: ``(condition, unconditional)``, each with one row per group; ``unconditional`` is
             what the negative branch of classifier-free guidance reads.
         """
+        if self.encoder is None or self.aggregator is None:
+            raise ConfigError(
+                f"composition {self.composition.name or '(unnamed)'!r} has no encoder: its injectors "
+                f"({', '.join(s.name for s in self.composition.injectors)}) read no encoded condition."
+            )
         groups = [load_references(group) for group in references]
         weights = None if reference_weights is None else torch.tensor([list(map(float, w)) for w in reference_weights])
         key = (tuple(tuple(_digest(img) for img in group) for group in groups), None if weights is None else tuple(weights.flatten().tolist()))
@@ -88,6 +93,7 @@ class RefcondPipeline:
         *,
         reference_scale: float | dict[str, Any] = 1.0,
         reference_weights: Sequence[float] | Sequence[Sequence[float]] | None = None,
+        reference_captions: Sequence[str] | None = None,
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
@@ -103,6 +109,8 @@ class RefcondPipeline:
         :param reference_scale: strength of the reference condition: a float, or a per-block dict as
             in InstantStyle (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``; unlisted blocks get 0).
         :param reference_weights: per-reference weights for weighting aggregators (``weighted-mean``).
+        :param reference_captions: one caption per reference, for injectors that learn from the
+            references themselves (``lora-tuning``); others ignore them.
         :param pipeline_kwargs: any other argument of the diffusers pipeline's ``__call__``
             (``height``, ``width``, ``latents``, ``callback_on_step_end``, ...).
         :returns: the diffusers pipeline's output (``.images``).
@@ -110,13 +118,29 @@ class RefcondPipeline:
         Arguments left as ``None`` keep the diffusers pipeline's defaults.
         """
         self._check_attached()
-        groups, weights = _as_groups(references, reference_weights)
         batch = _prompt_batch(prompt, pipeline_kwargs)
-        if len(groups) not in (1, batch):
-            raise ReferenceImageError(f"got {len(groups)} reference groups for {batch} prompts: pass one group for all prompts, or one per prompt.")
-        condition, unconditional = self.encode(groups, weights)
-        repeat = num_images_per_prompt * (batch if len(groups) == 1 else 1)
-        condition, unconditional = condition.repeat_interleave(repeat), unconditional.repeat_interleave(repeat)
+        adapters = [a for a in self._attachments if isinstance(a, ReferenceAdapter)]
+        condition: Condition | None = None
+        unconditional: Condition | None = None
+        if self.encoder is not None or references is not None or not adapters:
+            groups, weights = _as_groups(references, reference_weights)
+            if len(groups) not in (1, batch):
+                raise ReferenceImageError(
+                    f"got {len(groups)} reference groups for {batch} prompts: pass one group for all prompts, or one per prompt."
+                )
+            if adapters:
+                if len(groups) != 1:
+                    raise ReferenceImageError("an injector that learns from the references takes one group for all prompts.")
+                for adapter in adapters:
+                    adapter.adapt(load_references(groups[0]), reference_captions)
+            elif self.encoder is None:
+                raise ReferenceImageError(
+                    "this composition has no encoder and no injector that learns from references: call it without references=."
+                )
+            if self.encoder is not None:
+                condition, unconditional = self.encode(groups, weights)
+                repeat = num_images_per_prompt * (batch if len(groups) == 1 else 1)
+                condition, unconditional = condition.repeat_interleave(repeat), unconditional.repeat_interleave(repeat)
 
         call_kwargs = dict(
             prompt=prompt,

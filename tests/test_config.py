@@ -90,9 +90,16 @@ def test_a_misspelt_role_in_a_file_names_the_file_and_the_right_role(tmp_path):
         Composition.from_file(path)
     assert str(excinfo.value).splitlines() == [
         f"invalid configuration for {path}:",
-        "  - missing required field 'aggregator'.",
         "  - unknown field 'agregator'. Did you mean 'aggregator'? Valid fields: name, backbone, encoder, aggregator, injectors.",
     ]
+
+
+def test_encoder_and_aggregator_come_as_a_pair_or_not_at_all():
+    assert Composition.parse({"injectors": ["lora"]}).encoder is None  # injectors that read no condition
+    with pytest.raises(ConfigError, match=r"has an encoder but no aggregator: set both .* or neither"):
+        Composition.parse({"encoder": "clip", "injectors": ["cross-attention"]})
+    removed = Composition.parse(RECIPE).with_overrides({"encoder": None, "aggregator": None})
+    assert (removed.encoder, removed.aggregator) == (None, None)
 
 
 def test_a_misspelt_key_inside_a_role_lists_that_roles_fields():
