@@ -43,7 +43,13 @@ class RefcondPipeline:
         self.injectors = built.injectors
         self.plugins = plugins
         self.pipeline = built.backbone.pipeline
-        self._attachments = [injector.attach(self.pipeline.unet) for injector in self.injectors]
+        self._attachments: list[Any] = []
+        try:
+            for injector in self.injectors:
+                self._attachments.append(injector.attach(self.pipeline.unet))
+        except BaseException:  # leave the pipeline as it was: undo the injectors already attached
+            self.detach()
+            raise
         self._cache: OrderedDict[tuple[Any, ...], tuple[Condition, Condition]] = OrderedDict()
 
     # -- conditioning -------------------------------------------------------------------------

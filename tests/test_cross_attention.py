@@ -60,6 +60,15 @@ def _unet_inputs(unet: UNet2DConditionModel, batch: int = 2) -> dict[str, Any]:
 # -- attaching and detaching -------------------------------------------------------------------
 
 
+def test_a_second_cross_attention_injector_on_one_unet_is_refused() -> None:
+    pipe = tiny_sd15_pipeline()
+    first = refcond.from_pipe(pipe, "ip-adapter")
+    with pytest.raises(ConfigError, match="already attached to this UNet; one UNet takes one"):
+        refcond.from_pipe(pipe, "ip-adapter")
+    first.detach()
+    refcond.from_pipe(pipe, "ip-adapter").detach()  # free again once the first is detached
+
+
 def test_detach_restores_the_unet_exactly(tmp_path: Path) -> None:
     pipe = tiny_sd15_pipeline()
     unet = pipe.unet

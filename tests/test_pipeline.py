@@ -49,8 +49,13 @@ class Injectors:
             def attach(self, unet):
                 return StaticAttachment(log)
 
+        class Broken:
+            def attach(self, unet):
+                raise refcond.IncompatibleBackboneError("this UNet has no layer I know")
+
         register("adapting", lambda config, context: Adapting(), config=EmptyConfig)
         register("static", lambda config, context: Static(), config=EmptyConfig)
+        register("broken", lambda config, context: Broken(), config=EmptyConfig)
 
 
 @pytest.fixture
@@ -84,3 +89,10 @@ def test_an_adapter_takes_one_group_for_all_prompts(sd15_pipe, references, plugi
     rp = refcond.from_pipe(sd15_pipe, {"injectors": ["adapting"]}, plugins=plugins)
     with pytest.raises(refcond.ReferenceImageError, match="takes one group for all prompts"):
         rp(["a", "b"], references=[references[:1], references[1:]], num_inference_steps=1, output_type="latent")
+
+
+def test_a_failed_attach_undoes_the_injectors_attached_before_it(sd15_pipe, plugins_with_injectors):
+    plugins, log = plugins_with_injectors
+    with pytest.raises(refcond.IncompatibleBackboneError, match="no layer I know"):
+        refcond.from_pipe(sd15_pipe, {"injectors": ["static", "broken"]}, plugins=plugins)
+    assert log == [("detach",)]

@@ -143,6 +143,12 @@ class CrossAttentionAttachment:
         self.unet = unet
         self._modules = [unet.get_submodule(layer.module_path) for layer in layers]
         self._originals = [module.processor for module in self._modules]
+        if any(isinstance(original, DecoupledCrossAttnProcessor) for original in self._originals):
+            # A bound outer processor does its own attention and would silently drop the inner one's.
+            raise ConfigError(
+                "a cross-attention injector is already attached to this UNet; one UNet takes one. Put all "
+                "references in one group (with a concat or mean aggregator), or detach the other first."
+            )
         self._processors = [DecoupledCrossAttnProcessor(original, layer.heads) for original, layer in zip(self._originals, layers)]
         for module, processor in zip(self._modules, self._processors):
             module.set_processor(processor)
