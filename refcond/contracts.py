@@ -165,7 +165,10 @@ class Encoder(Protocol):
     def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
         """The encoding of "no reference" used by the unconditional branch of classifier-free guidance.
 
-        It has the same structure as ``encoding`` (the conditional encoding of ``references``).
+        It has the same structure as ``encoding`` (the conditional encoding of ``references``): the
+        same shape, mask and source. An encoding whose tokens all mix references (source -1, an MLLM
+        that reads them at once) has no per-reference layout to keep; its unconditional encoding has
+        the same batch and token size and all sources -1, but may have another length.
         """
         ...
 

@@ -36,8 +36,8 @@ README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 
 QUICKSTART = [
-    "pip install torch==2.13.0 -e . -e ./encoders -e ./injectors -e ./plugins/example && refcond demo",
-    "pip install torch==2.13.0 -e '.[test]' -e ./encoders -e ./injectors -e ./plugins/example && python -m pytest",
+    "pip install torch==2.13.0 -e . -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/example && refcond demo",
+    "pip install torch==2.13.0 -e '.[test]' -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/example && python -m pytest",
 ]
 
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 from refcond import hookimpl
 from refcond.registry import Register
 from refcond_encoders.clip import ClipEncoder, ClipEncoderConfig
+from refcond_encoders.mllm import MllmEncoder, MllmEncoderConfig
 
-__all__ = ["ClipEncoder", "ClipEncoderConfig"]
+__all__ = ["ClipEncoder", "ClipEncoderConfig", "MllmEncoder", "MllmEncoderConfig"]
 
 
 @hookimpl
 def refcond_register_encoders(register: Register) -> None:
     register("clip", ClipEncoder.from_config, config=ClipEncoderConfig, description=ClipEncoder.__doc__.splitlines()[0])
+    register("mllm", MllmEncoder.from_config, config=MllmEncoderConfig, description=MllmEncoder.__doc__.splitlines()[0])

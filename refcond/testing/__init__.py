@@ -24,6 +24,7 @@ from refcond.testing.models import (
     tiny_unet,
     tiny_vae,
 )
+from refcond.testing.qwen2vl import tiny_qwen2vl, tiny_qwen2vl_processor
 
 __all__ = [
     "IMAGE_ENCODER_SIZE",
@@ -36,6 +37,8 @@ __all__ = [
     "reference_images",
     "tiny_feature_extractor",
     "tiny_image_encoder",
+    "tiny_qwen2vl",
+    "tiny_qwen2vl_processor",
     "tiny_sd15_pipeline",
     "tiny_sdxl_pipeline",
     "tiny_text_encoder",

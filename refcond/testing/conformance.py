@@ -87,7 +87,8 @@ def check_encoder(encoder: Encoder, references: Sequence[Sequence[Image]] | None
     group, tokens of size ``embedding_dim``, finite values, sources within range (a reference
     index or -1), and that each group encodes the same in the batch as alone (padding is masked
     and groups do not leak into each other); that ``encode_unconditional`` returns the same
-    structure; and, when the encoder has trainable parameters, that gradients reach them (no
+    structure (for an encoding whose tokens all mix references, source -1: the same batch and token
+    size, any length, all source -1); and, when the encoder has trainable parameters, that gradients reach them (no
     ``torch.no_grad`` inside the component).
     """
     who = _name(encoder)
@@ -115,6 +116,27 @@ def check_encoder(encoder: Encoder, references: Sequence[Sequence[Image]] | None
 
         unconditional = encoder.encode_unconditional(encoding, groups)
     _check_sequence(unconditional, ReferenceEncoding, who, "encode_unconditional()", [len(g) for g in groups])
+    if _all_mixed(encoding):
+        # Tokens that mix references (an MLLM reading them all at once) have no per-reference layout
+        # to keep: the "no reference" sequence may have another length, but must be mixed as well.
+        _require(
+            unconditional.dim == encoding.dim and _all_mixed(unconditional),
+            who,
+            "encode_unconditional() must return tokens of the same size as encode() "
+            f"({unconditional.dim} for {encoding.dim}), every one of source -1 like the conditional encoding's.",
+        )
+    else:
+        _require_same_structure(encoding, unconditional, who)
+
+    _require_gradients(encoder, encoding.tokens[encoding.mask], who, "encode()")
+    return encoding
+
+
+def _all_mixed(encoding: ReferenceEncoding) -> bool:
+    return bool((encoding.source[encoding.mask] == MIXED_SOURCE).all())
+
+
+def _require_same_structure(encoding: ReferenceEncoding, unconditional: ReferenceEncoding, who: str) -> None:
     _require(
         unconditional.tokens.shape == encoding.tokens.shape
         and torch.equal(unconditional.mask, encoding.mask)
@@ -125,9 +147,6 @@ def check_encoder(encoder: Encoder, references: Sequence[Sequence[Image]] | None
         + ("" if torch.equal(unconditional.mask, encoding.mask) else ", and a different mask")
         + ". Classifier-free guidance runs both through the same aggregator and injectors.",
     )
-
-    _require_gradients(encoder, encoding.tokens[encoding.mask], who, "encode()")
-    return encoding
 
 
 # -- aggregator -----------------------------------------------------------------------------------

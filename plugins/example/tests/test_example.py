@@ -110,7 +110,6 @@ def needs_cross_attention(plugins):
 def test_example_components_drive_a_generation(sd15_pipe, references, tmp_path):
     plain = _generate(sd15_pipe)
     rp = refcond.from_pipe(sd15_pipe, COMPOSITION)
-    check_injector(rp.injectors[0], sd15_pipe.unet, make_condition(batch=1, length=2, dim=16))
 
     conditioned = _generate(rp, references=references)
     assert conditioned.shape == plain.shape == (1, 32, 32, 3)
@@ -122,6 +121,8 @@ def test_example_components_drive_a_generation(sd15_pipe, references, tmp_path):
     assert any(key.startswith("encoder.proj.") for key in rp.state_dict())
     rp.detach()
     assert np.array_equal(_generate(sd15_pipe), plain)
+    # Detached, the injector passes the contract checks on the plain UNet (one injector per UNet at a time).
+    check_injector(rp.injectors[0], sd15_pipe.unet, make_condition(batch=1, length=2, dim=16))
 
     reloaded = refcond.load(path, sd15_pipe)
     assert reloaded.composition.encoder.name == "pixel-stats"

@@ -1,0 +1,480 @@
+"""The ``mllm`` encoder: Qwen2-VL reads all references of a group and an instruction in one sequence.
+
+This is EasyRef's reference encoder (arXiv 2412.09618, official code ``TempleX98/EasyRef``): the
+references and the instruction form one user turn of Qwen2-VL's chat template; every image goes
+through the vision tower on its own; the decoder runs all its layers but the last, and its final
+RMSNorm is applied. The last decoder layer is not run here: it belongs to the aggregator
+(``reference-tokens`` in ``refcond-easyref``), which takes a copy through :meth:`MllmEncoder.final_layer`,
+so Qwen2-VL is read from disk once.
+
+Behaviours kept from the official code on purpose (each has a test):
+
+* the final norm *is* applied to the trunk output (the official ``multimodal_llm.norm = Identity()``
+  sets an unused attribute, so ``model.norm`` still runs);
+* positions are plain 1-D (``0..L-1`` on all three M-RoPE axes), not Qwen2-VL's image-aware M-RoPE,
+  because the official forward passes no ``image_grid_thw`` / ``position_ids`` to the decoder;
+* attention is causal, so the encoding depends on the order of the references.
+
+Padding: groups of different sizes are padded on the left (the Qwen2-VL tokenizer's batching
+convention), and positions count from each row's first real token, so a group encodes exactly as it
+would alone: the official code only ever encodes one reference set at a time at inference.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from PIL.Image import Image
+from pydantic import Field, model_validator
+from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+from refcond import (
+    MIXED_SOURCE,
+    BuildContext,
+    ComponentConfig,
+    ConfigError,
+    ReferenceEncoding,
+)
+
+try:  # transformers >= 5: the PIL backend works without torchvision
+    from transformers import Qwen2VLImageProcessorPil as _ImageProcessor
+except ImportError:  # pragma: no cover - transformers 4.x
+    from transformers import Qwen2VLImageProcessor as _ImageProcessor
+
+#: The instruction EasyRef was trained with; the prompt, if any, follows it.
+EASYREF_INSTRUCTION = "Visualize a scene that closely resembles the provided images, capturing the essence and details described in this prompt:\n"
+
+#: Qwen2-VL's chat template, used when a tokenizer comes without one.
+QWEN2VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+_PATCH, _MERGE = (
+    14,
+    2,
+)  # Qwen2-VL's ViT patch and merge sizes: one LLM token per 28x28 pixels
+#: The official ``cond_image_size=336`` rule: about 12x12 LLM tokens per reference.
+OFFICIAL_MIN_PIXELS = ((336 // 28 - 1) ** 2) * 28 * 28
+OFFICIAL_MAX_PIXELS = ((336 // 28) ** 2 + 1) * 28 * 28
+#: The image of the unconditional branch: a black 512x512 RGB image.
+UNCONDITIONAL_SIZE = 512
+
+_DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class MllmEncoderConfig(ComponentConfig):
+    """Options of the ``mllm`` encoder."""
+
+    model: str | None = Field(
+        default="Qwen/Qwen2-VL-2B-Instruct",
+        description="Hub id or local folder of a Qwen2-VL model (weights, tokenizer, image processor). "
+        "None only with MllmEncoder.from_model, which is given the model object.",
+    )
+    instruction: str = Field(
+        default=EASYREF_INSTRUCTION,
+        description="Text after the images in the user turn. A prompt passed to encode(..., prompts=) is appended to it; "
+        "the refcond pipeline passes none, so the text is the instruction alone.",
+    )
+    min_pixels: int = Field(
+        default=OFFICIAL_MIN_PIXELS,
+        gt=0,
+        description="Fewest pixels a reference is resized to (aspect kept).",
+    )
+    max_pixels: int = Field(
+        default=OFFICIAL_MAX_PIXELS,
+        gt=0,
+        description="Most pixels a reference is resized to (aspect kept).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="bfloat16",
+        description="Weights and activations dtype (official: bfloat16).",
+    )
+    device: str | None = Field(
+        default=None,
+        description="Device of the model; None = the backbone's device (or the model's own).",
+    )
+
+    @model_validator(mode="after")
+    def _pixel_range(self) -> MllmEncoderConfig:
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"min_pixels ({self.min_pixels}) must not exceed max_pixels ({self.max_pixels})"
+            )
+        return self
+
+
+class MllmEncoder(torch.nn.Module):
+    """Qwen2-VL over all references and an instruction at once: vision tower, all decoder layers but the last, final norm.
+
+    Returns one row per group: the normed hidden states of the whole chat sequence ``[B, L, hidden]``
+    (source -1: tokens mix references and text), left-padded. Its weights (vision tower, token
+    embeddings, decoder layers ``0..n-2``, final norm) are submodules, so a training stage can unfreeze
+    them; the last decoder layer is held outside the module tree for :meth:`final_layer`.
+    """
+
+    def __init__(
+        self,
+        model: Qwen2VLForConditionalGeneration,
+        image_processor: Any,
+        tokenizer: Any,
+        config: MllmEncoderConfig,
+    ):
+        super().__init__()
+        language_model = _language_model(model)
+        if len(language_model.layers) < 2:
+            raise ConfigError(
+                f"encoder 'mllm' needs a Qwen2-VL with at least 2 decoder layers (the last goes to the aggregator); got {len(language_model.layers)}."
+            )
+        self.config = config
+        self.model_config = model.config
+        # The modules are shared with ``model`` (no copy); ``model`` itself is left unchanged.
+        self.visual = model.model.visual
+        self.embed_tokens = language_model.embed_tokens
+        self.layers = torch.nn.ModuleList(list(language_model.layers)[:-1])
+        self.norm = language_model.norm
+        # Outside the module tree, like the last layer: its float32 frequencies must not be cast by .to(dtype).
+        self.__dict__["rotary_emb"] = language_model.rotary_emb
+        self.__dict__["_last_layer"] = language_model.layers[
+            -1
+        ]  # not a submodule: the aggregator owns its copy
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = (
+            getattr(tokenizer, "chat_template", None) or QWEN2VL_CHAT_TEMPLATE
+        )
+        self.embedding_dim = int(self.norm.weight.shape[0])
+        self.image_token_id = int(model.config.image_token_id)
+        self._check_pieces()
+        self._unconditional: tuple[Any, torch.Tensor] | None = None
+
+    # -- building ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(
+        cls, config: MllmEncoderConfig, context: BuildContext
+    ) -> MllmEncoder:
+        """Load ``config.model`` (hub id or folder): model, tokenizer and image processor, once."""
+        if config.model is None:
+            raise ConfigError(
+                "encoder 'mllm': config model is None. Set it to a Qwen2-VL hub id or folder, e.g. model='Qwen/Qwen2-VL-2B-Instruct', "
+                "or build the encoder in code with MllmEncoder.from_model(model, image_processor, tokenizer)."
+            )
+        model = Qwen2VLForConditionalGeneration.from_pretrained(
+            config.model, dtype=_DTYPES[config.dtype], attn_implementation="sdpa"
+        )
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        image_processor = _ImageProcessor.from_pretrained(config.model)
+        return cls.from_model(model, image_processor, tokenizer, config, context)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: Qwen2VLForConditionalGeneration,
+        image_processor: Any,
+        tokenizer: Any,
+        config: MllmEncoderConfig | None = None,
+        context: BuildContext | None = None,
+    ) -> MllmEncoder:
+        """Build around an already loaded model (tests, or code that loaded Qwen2-VL itself).
+
+        The model is cast to ``config.dtype`` and moved to ``config.device`` (or the backbone's device).
+        """
+        if config is None:  # keep the model's dtype
+            dtype = next(
+                (name for name, value in _DTYPES.items() if value == model.dtype),
+                "float32",
+            )
+            config = MllmEncoderConfig(model=None, dtype=dtype)
+        if not isinstance(model, Qwen2VLForConditionalGeneration):
+            raise ConfigError(
+                f"encoder 'mllm' needs a Qwen2VLForConditionalGeneration, got {type(model).__name__}."
+            )
+        backbone = context.backbone if context is not None else None
+        device = config.device or (
+            getattr(backbone, "device", None) if backbone is not None else None
+        )
+        encoder = cls(model, image_processor, tokenizer, config)
+        encoder.to(dtype=_DTYPES[config.dtype])
+        encoder.final_layer_source().to(dtype=_DTYPES[config.dtype])
+        if device is not None:
+            encoder.to(device)
+            encoder.final_layer_source().to(device)
+        return encoder
+
+    def _check_pieces(self) -> None:
+        vision = self.model_config.vision_config
+        processor = self.image_processor
+        for name, expected in (
+            ("patch_size", vision.patch_size),
+            ("merge_size", vision.spatial_merge_size),
+            ("temporal_patch_size", vision.temporal_patch_size),
+        ):
+            got = getattr(processor, name, None)
+            if got != expected:
+                raise ConfigError(
+                    f"encoder 'mllm': the image processor's {name} is {got}, but the model's vision tower expects {expected}. Load both from the same model."
+                )
+        image_token = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        if image_token != self.image_token_id:
+            raise ConfigError(
+                f"encoder 'mllm': the tokenizer's <|image_pad|> id is {image_token}, but the model's image_token_id is {self.image_token_id}. "
+                "Load the tokenizer from the same model."
+            )
+
+    # -- parts for the aggregator -----------------------------------------------------------------
+
+    def final_layer_source(self) -> torch.nn.Module:
+        """The model's last decoder layer itself (not run by this encoder). Prefer :meth:`final_layer`."""
+        return self.__dict__["_last_layer"]
+
+    def final_layer(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
+        """Fresh copies of ``(last decoder layer, final norm, rotary embedding)``, on the encoder's device and dtype.
+
+        EasyRef's aggregator runs its reference tokens through these; copies, so training them leaves
+        the encoder (whose trunk also applies the final norm) unchanged.
+        """
+        parameter = self.norm.weight
+        layer = copy.deepcopy(self.final_layer_source()).to(
+            device=parameter.device, dtype=parameter.dtype
+        )
+        return (
+            layer,
+            copy.deepcopy(self.norm),
+            copy.deepcopy(self.__dict__["rotary_emb"]),
+        )
+
+    # -- encoding ---------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return self.norm.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.norm.weight.dtype
+
+    def encode(
+        self,
+        references: Sequence[Sequence[Image]],
+        prompts: Sequence[str] | None = None,
+    ) -> ReferenceEncoding:
+        """Encode each group with the instruction (plus ``prompts[b]``, if given) in one chat sequence."""
+        groups = _check_groups(references)
+        if prompts is not None and len(prompts) != len(groups):
+            raise ConfigError(
+                f"encoder 'mllm': got {len(prompts)} prompts for {len(groups)} reference groups; give one per group."
+            )
+        texts = [
+            self.config.instruction + (prompts[b] if prompts is not None else "")
+            for b in range(len(groups))
+        ]
+        return self._encode(groups, texts)
+
+    def encode_unconditional(
+        self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]
+    ) -> ReferenceEncoding:
+        """EasyRef's "no reference": one black 512x512 image with the instruction, computed once and repeated per group.
+
+        Its length differs from the conditional encoding's (it has one image); like it, every token is
+        source -1. Recomputed only when the weights change (parameter versions) or device/dtype do.
+        """
+        key = (self.device, self.dtype, sum(p._version for p in self.parameters()))
+        if self._unconditional is None or self._unconditional[0] != key:
+            from PIL import Image as PILImage
+
+            black = PILImage.new("RGB", (UNCONDITIONAL_SIZE, UNCONDITIONAL_SIZE))
+            self._unconditional = (
+                key,
+                self._encode([[black]], [self.config.instruction]).tokens[0].detach(),
+            )
+        tokens = self._unconditional[1]
+        if tokens.is_inference() and not torch.is_inference_mode_enabled():
+            tokens = (
+                tokens.clone()
+            )  # usable by autograd-tracked code (an aggregator in training)
+        batch, length = encoding.batch_size, tokens.shape[0]
+        return ReferenceEncoding(
+            tokens[None].expand(batch, -1, -1),
+            torch.ones(batch, length, dtype=torch.bool, device=tokens.device),
+            torch.full(
+                (batch, length), MIXED_SOURCE, dtype=torch.long, device=tokens.device
+            ),
+        )
+
+    def inputs(
+        self, groups: Sequence[Sequence[Image]], texts: Sequence[str]
+    ) -> dict[str, torch.Tensor]:
+        """The model inputs of the groups: ``input_ids`` / ``attention_mask`` (left-padded), ``pixel_values``, ``image_grid_thw``.
+
+        What the official ``processor(text=..., images=..., padding=True)`` produces, built from the
+        tokenizer and image processor (transformers 5's processor needs torchvision for its video part).
+        """
+        flat = [image for group in groups for image in group]
+        size = {
+            "shortest_edge": self.config.min_pixels,
+            "longest_edge": self.config.max_pixels,
+        }
+        vision = self.image_processor(images=flat, size=size, return_tensors="pt")
+        tokens_per_image = (
+            vision["image_grid_thw"].prod(-1)
+            // self.model_config.vision_config.spatial_merge_size**2
+        ).tolist()
+        prompts, start = [], 0
+        for group, text in zip(groups, texts):
+            content = [{"type": "image"} for _ in group] + [
+                {"type": "text", "text": text}
+            ]
+            chat = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": content}],
+                chat_template=self.chat_template,
+                tokenize=False,
+                add_generation_prompt=True,
+            )
+            pieces = chat.split("<|image_pad|>")
+            if len(pieces) != len(group) + 1:
+                raise ConfigError(
+                    f"encoder 'mllm': the chat template rendered {len(pieces) - 1} image placeholders for {len(group)} images."
+                )
+            counts = tokens_per_image[start : start + len(group)]
+            prompts.append(
+                pieces[0]
+                + "".join(
+                    "<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:])
+                )
+            )
+            start += len(group)
+        text_inputs = self.tokenizer(
+            prompts, padding=True, padding_side="left", return_tensors="pt"
+        )
+        return {
+            "input_ids": text_inputs["input_ids"],
+            "attention_mask": text_inputs["attention_mask"],
+            "pixel_values": vision["pixel_values"],
+            "image_grid_thw": vision["image_grid_thw"],
+        }
+
+    def image_features(
+        self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
+    ) -> torch.Tensor:
+        """``[tokens, hidden]``: every image through the vision tower on its own (as the official code), in order."""
+        pixel_values = pixel_values.to(device=self.device, dtype=self.visual.dtype)
+        grid = image_grid_thw.to(self.device)
+        bounds = [0, *grid.prod(-1).cumsum(0).tolist()]
+        features = [
+            self.visual(
+                pixel_values[bounds[i] : bounds[i + 1]], grid_thw=grid[i : i + 1]
+            ).pooler_output
+            for i in range(grid.shape[0])
+        ]
+        return torch.cat(features)
+
+    def trunk(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``[B, L, hidden]``: decoder layers ``0..n-2`` and the final norm over the embedded sequence, padding zeroed."""
+        input_ids = inputs["input_ids"].to(self.device)
+        mask = inputs["attention_mask"].to(self.device).bool()
+        embeds = self.embed_tokens(input_ids)
+        image_mask = input_ids == self.image_token_id
+        features = self.image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+        if features.shape[0] != int(image_mask.sum()):
+            raise ConfigError(
+                f"encoder 'mllm': {features.shape[0]} image features for {int(image_mask.sum())} image tokens in the sequence."
+            )
+        embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
+        hidden = run_decoder(
+            self.layers, self.__dict__["rotary_emb"], embeds, mask, causal=True
+        )
+        return self.norm(hidden) * mask[..., None].to(hidden.dtype)
+
+    def _encode(
+        self, groups: list[list[Image]], texts: Sequence[str]
+    ) -> ReferenceEncoding:
+        inputs = self.inputs(groups, texts)
+        mask = inputs["attention_mask"].to(self.device).bool()
+        tokens = self.trunk(inputs)
+        return ReferenceEncoding(
+            tokens,
+            mask,
+            torch.full(mask.shape, MIXED_SOURCE, dtype=torch.long, device=self.device),
+        )
+
+
+def run_decoder(
+    layers: Sequence[torch.nn.Module],
+    rotary_emb: torch.nn.Module,
+    hidden: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    causal: bool = True,
+) -> torch.Tensor:
+    """Run Qwen2-VL decoder layers over ``hidden [B, L, D]`` with 1-D positions, as the official EasyRef forward.
+
+    Positions count ``0, 1, ...`` from each row's first real token (``mask [B, L]`` bool), on all
+    three M-RoPE axes; for an unpadded row that is ``arange(L)``. Real tokens attend to real tokens
+    (earlier ones only when ``causal``); a padding query attends to itself only, so nothing is NaN.
+    """
+    positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+    position_embeddings = rotary_emb(hidden, positions[None].expand(3, -1, -1))
+    length = hidden.shape[1]
+    allowed = mask[:, None, None, :].expand(-1, 1, length, -1)
+    if causal:
+        allowed = (
+            allowed
+            & torch.ones(length, length, dtype=torch.bool, device=hidden.device).tril()
+        )
+    allowed = allowed | torch.eye(length, dtype=torch.bool, device=hidden.device)
+    # An additive float mask: read the same way by the sdpa and eager attention implementations.
+    bias = torch.zeros(
+        allowed.shape, dtype=hidden.dtype, device=hidden.device
+    ).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+    for layer in layers:
+        hidden = layer(
+            hidden, attention_mask=bias, position_embeddings=position_embeddings
+        )
+    return hidden
+
+
+def _language_model(model: Qwen2VLForConditionalGeneration) -> torch.nn.Module:
+    """The decoder (embed_tokens, layers, norm, rotary_emb): ``model.model.language_model`` in transformers 5."""
+    inner = model.model
+    language_model = getattr(inner, "language_model", None)
+    if (
+        language_model is None
+    ):  # pragma: no cover - transformers 4.x: the decoder is model.model itself
+        raise ConfigError(
+            "encoder 'mllm' needs transformers >= 5 (Qwen2VLModel.language_model); upgrade transformers."
+        )
+    return language_model
+
+
+def _check_groups(references: Sequence[Sequence[Image]]) -> list[list[Image]]:
+    groups = [list(group) for group in references]
+    if not groups:
+        raise ConfigError(
+            "encoder 'mllm': no reference groups given; pass a list of groups, each a list of images."
+        )
+    for b, group in enumerate(groups):
+        if not group:
+            raise ConfigError(
+                f"encoder 'mllm': reference group {b} is empty; every group needs at least one image."
+            )
+        for i, image in enumerate(group):
+            if not hasattr(image, "convert") or not hasattr(image, "size"):
+                raise ConfigError(
+                    f"encoder 'mllm': reference {i} of group {b} is a {type(image).__name__}, not a PIL image; load it with refcond.images.load_references."
+                )
+    return [[image.convert("RGB") for image in group] for group in groups]
