@@ -1,8 +1,10 @@
-"""Prints the ratios of the UNet-step benchmarks at the end of the session and writes them to JSON.
+"""Prints the ratios of the benchmarks at the end of the session and writes them to JSON.
 
 Ratios are taken from the fastest round (``min``), the figure least disturbed by other processes,
-and also given for the median. The JSON goes to ``REFCOND_BENCH_JSON`` (default
-``benchmarks/results/unet_step_ratios.json``).
+and also given for the median. Each suite (a benchmark's ``extra_info["suite"]``) has its own
+section and JSON file: the UNet-step suite (the default) writes to ``REFCOND_BENCH_JSON``
+(default ``benchmarks/results/unet_step_ratios.json``), the LoRA suite to
+``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +26,42 @@ RATIOS = {
 }
 
 
-def _collect(config: Any) -> dict[str, dict[str, dict[str, float]]]:
-    """``{setting: {variant: {"min": s, "median": s, "mean": s, "rounds": n}}}`` from pytest-benchmark."""
+@dataclass(frozen=True)
+class Suite:
+    """One family of benchmarks: its ratios, its heading, what a round measures, where its JSON goes."""
+
+    ratios: dict[str, tuple[str, str]]
+    title: str
+    what: str
+    json_variable: str
+    default_json: Path
+
+
+SUITES = {
+    "unet_step": Suite(
+        RATIOS,
+        "refcond UNet-step ratios (fastest round; median in brackets)",
+        "one UNet forward (one denoising step, guidance batch of 2); IP-Adapter Plus, 4 references concatenated",
+        "REFCOND_BENCH_JSON",
+        DEFAULT_JSON,
+    ),
+    "lora": Suite(
+        {"lora/plain": ("lora", "plain"), "fused/plain": ("lora-fused", "plain"), "fused/lora": ("lora-fused", "lora")},
+        "refcond LoRA ratios (fastest round; median in brackets)",
+        "one UNet forward (one denoising step, guidance batch of 2) with a LoRA on every transformer block, unfused or fused",
+        "REFCOND_BENCH_LORA_RATIOS_JSON",
+        DEFAULT_JSON.parent / "lora_ratios.json",
+    ),
+}
+
+
+def _collect(config: Any, suite: str = "unet_step") -> dict[str, dict[str, dict[str, float]]]:
+    """``{setting: {variant: {"min": s, "median": s, "mean": s, "rounds": n}}}`` of one suite, from pytest-benchmark."""
     session = getattr(config, "_benchmarksession", None)
     timings: dict[str, dict[str, dict[str, float]]] = {}
     for bench in getattr(session, "benchmarks", []):
         info = bench.extra_info
-        if "setting" not in info or not bench.stats:
+        if "setting" not in info or not bench.stats or info.get("suite", "unet_step") != suite:
             continue
         stats = bench.stats
         timings.setdefault(info["setting"], {})[info["variant"]] = {
@@ -41,35 +73,40 @@ def _collect(config: Any) -> dict[str, dict[str, dict[str, float]]]:
     return timings
 
 
-def _ratios(variants: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+def _ratios(variants: dict[str, dict[str, float]], ratios: dict[str, tuple[str, str]] = RATIOS) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for label, (top, bottom) in RATIOS.items():
+    for label, (top, bottom) in ratios.items():
         if top in variants and bottom in variants:
             out[label] = {stat: variants[top][stat] / variants[bottom][stat] for stat in ("min", "median")}
     return out
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
-    timings = _collect(config)
+    for name, suite in SUITES.items():
+        _report(terminalreporter, config, name, suite)
+
+
+def _report(terminalreporter: Any, config: Any, name: str, suite: Suite) -> None:
+    timings = _collect(config, name)
     if not timings:
         return
     report: dict[str, Any] = {
-        "what": "one UNet forward (one denoising step, guidance batch of 2); IP-Adapter Plus, 4 references concatenated",
+        "what": suite.what,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "settings": {},
     }
-    terminalreporter.section("refcond UNet-step ratios (fastest round; median in brackets)")
+    terminalreporter.section(suite.title)
     for setting, variants in timings.items():
-        ratios = _ratios(variants)
+        ratios = _ratios(variants, suite.ratios)
         report["settings"][setting] = {"seconds": variants, "ratios": ratios}
         parts = [f"{label} {r['min']:.3f} ({r['median']:.3f})" for label, r in ratios.items()]
         terminalreporter.write_line(f"{setting}: " + ", ".join(parts))
         if "refcond-bind" in variants and "refcond" in variants:
             bind = variants["refcond-bind"]["min"] / variants["refcond"]["min"]
             terminalreporter.write_line(f"{setting}: refcond's once-per-generation binding costs {bind:.2f} refcond steps")
-    path = Path(os.environ.get("REFCOND_BENCH_JSON", DEFAULT_JSON))
+    path = Path(os.environ.get(suite.json_variable, suite.default_json))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     terminalreporter.write_line(f"written to {path}")

@@ -128,7 +128,7 @@ class RefcondPipeline:
         adapters = [a for a in self._attachments if isinstance(a, ReferenceAdapter)]
         condition: Condition | None = None
         unconditional: Condition | None = None
-        if self.encoder is not None or references is not None or not adapters:
+        if self.encoder is not None or references is not None:
             groups, weights = _as_groups(references, reference_weights)
             if len(groups) not in (1, batch):
                 raise ReferenceImageError(
@@ -198,7 +198,7 @@ class RefcondPipeline:
         return write_safetensors(path, self.state_dict(), metadata_for(composition.model_dump(mode="json")))
 
     def __repr__(self) -> str:
-        parts = [f"encoder={self.composition.encoder.name!r}", f"aggregator={self.composition.aggregator.name!r}"]
+        parts = [f"{role}={spec.name!r}" for role, spec in (("encoder", self.composition.encoder), ("aggregator", self.composition.aggregator)) if spec]
         parts.append(f"injectors={[s.name for s in self.composition.injectors]!r}")
         return f"RefcondPipeline({self.backbone.name}, {', '.join(parts)})"
 

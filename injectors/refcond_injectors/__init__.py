@@ -2,7 +2,10 @@
 
 - ``cross-attention``: decoupled cross-attention with a projector (IP-Adapter, IP-Adapter Plus,
   EasyRef's MLP); imports official IP-Adapter checkpoints (format ``ip-adapter``).
+- ``lora``: LoRA files (diffusers/PEFT, Kohya/A1111) loaded through diffusers and PEFT, several at
+  once with per-LoRA and per-block weights, optionally fused; restores the pipeline exactly.
 - composition ``ip-adapter``: ``clip`` + ``mean`` + ``cross-attention``.
+- composition ``lora-tuning``: no encoder; ``lora`` with ``tuning``: a LoRA tuned on each call's references.
 """
 
 from __future__ import annotations
@@ -14,8 +17,17 @@ from refcond_injectors.cross_attention import (
     CrossAttentionInjector,
 )
 from refcond_injectors.cross_attention.ip_adapter_format import IPAdapterFormat
+from refcond_injectors.lora import LoraInjector, LoraInjectorConfig
 
-__all__ = ["IP_ADAPTER_COMPOSITION", "CrossAttentionConfig", "CrossAttentionInjector", "IPAdapterFormat"]
+__all__ = [
+    "IP_ADAPTER_COMPOSITION",
+    "LORA_TUNING_COMPOSITION",
+    "CrossAttentionConfig",
+    "CrossAttentionInjector",
+    "IPAdapterFormat",
+    "LoraInjector",
+    "LoraInjectorConfig",
+]
 
 #: IP-Adapter: pooled CLIP embeddings of the references, averaged, projected to 4 tokens each.
 IP_ADAPTER_COMPOSITION = {
@@ -23,6 +35,9 @@ IP_ADAPTER_COMPOSITION = {
     "aggregator": "mean",
     "injectors": [{"name": "cross-attention", "config": {"projector": "linear", "num_tokens": 4}}],
 }
+
+#: The tuning-based baseline: no encoder; a LoRA fine-tuned on each call's reference group.
+LORA_TUNING_COMPOSITION = {"injectors": [{"name": "lora", "config": {"tuning": {}}}]}
 
 
 @hookimpl
@@ -33,6 +48,12 @@ def refcond_register_injectors(register: Register) -> None:
         config=CrossAttentionConfig,
         description="Decoupled cross-attention with a projector (IP-Adapter, IP-Adapter Plus, EasyRef MLP).",
     )
+    register(
+        "lora",
+        LoraInjector.from_config,
+        config=LoraInjectorConfig,
+        description="LoRA files (diffusers/PEFT, Kohya/A1111) loaded through diffusers and PEFT; several at once, per-block weights, fusing.",
+    )
 
 
 @hookimpl
@@ -41,6 +62,11 @@ def refcond_register_compositions(register: Register) -> None:
         "ip-adapter",
         IP_ADAPTER_COMPOSITION,
         description="IP-Adapter: CLIP image embeddings averaged over the references, decoupled cross-attention.",
+    )
+    register(
+        "lora-tuning",
+        LORA_TUNING_COMPOSITION,
+        description="LoRA tuned on each reference group (DreamBooth-LoRA), then generation with it: the tuning-based baseline.",
     )
 
 
