@@ -208,6 +208,18 @@ def test_generate_from_a_refcond_checkpoint_needs_no_model_or_composition(model_
     assert report["model"] == str(model_dir) and report["composition"]["aggregator"]["name"] == "concat"
 
 
+def test_generate_with_the_lora_tuning_baseline(model_dir, ref_args, tmp_path):
+    tuning = json.dumps({"steps": 2, "output_dir": str(tmp_path / "cache")})
+    result = invoke(
+        "generate", "-m", model_dir, "-c", "lora-tuning", "--set", f"injectors.lora.tuning={tuning}",
+        *ref_args, "-p", "a photo of sks", "--steps", 2, "-o", tmp_path / "o.png", "--json", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["condition_shape"] is None and report["composition"]["injectors"][0]["config"]["tuning"]["steps"] == 2
+    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the LoRA tuned on the references
+
+
 def test_generate_from_a_composition_file_with_set_overrides(model_dir, ref_args, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(

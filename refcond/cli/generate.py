@@ -359,8 +359,13 @@ def generate(
     timings["load"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    st.status(f"[2/3] Encoding {len(references)} reference(s)...")
-    condition, _ = rp.encode([references], None if weights is None else [weights])
+    condition_shape = None
+    if rp.encoder is not None:
+        st.status(f"[2/3] Encoding {len(references)} reference(s)...")
+        condition, _ = rp.encode([references], None if weights is None else [weights])
+        condition_shape = list(condition.tokens.shape)
+    else:  # e.g. lora-tuning: the injectors learn from the references during the call
+        st.status(f"[2/3] No encoder: the {len(references)} reference(s) go to the injectors...")
     timings["encode"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -403,7 +408,7 @@ def generate(
             "guidance_scale": guidance_scale,
             "reference_scale": scale,
             "reference_weights": weights,
-            "condition_shape": list(condition.tokens.shape),
+            "condition_shape": condition_shape,
             "timings": {k: round(v, 4) for k, v in timings.items()},
         }
         click.echo(json.dumps(report, indent=2, sort_keys=True))

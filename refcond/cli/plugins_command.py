@@ -104,7 +104,8 @@ def _summary(recipe: dict[str, Any] | None) -> str:
     if recipe is None:
         return "(invalid composition)"
     injectors = ", ".join(spec["name"] for spec in recipe.get("injectors", []))
-    return f"{recipe['encoder']['name']} -> {recipe['aggregator']['name']} -> {injectors}"
+    stages = [recipe[role]["name"] for role in ("encoder", "aggregator") if recipe.get(role)]
+    return " -> ".join([*stages, injectors])
 
 
 def _fields(schema: dict[str, Any]) -> list[str]:
