@@ -26,10 +26,10 @@ from typing import Any
 
 import pytest
 import torch
+from common import DEVICE, DTYPE, sd15_unet, timed_rounds
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from refcond_injectors.testing import fabricate_lora_state_dict
 from safetensors.torch import save_file
-from test_bench_unet_step import DEVICE, DTYPE, _sd15_unet
 
 import refcond
 from refcond.testing import tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
@@ -51,8 +51,8 @@ class Setting:
 SETTINGS = {
     "tiny-sd15": Setting("tiny-sd15", lambda: tiny_unet(), 16, 77, rounds=200),
     # SD1.5's full UNet at 256 px (32x32 latents), as in test_bench_unet_step.py.
-    "sd15-256px": Setting("sd15-256px", lambda: _sd15_unet(32), 32, 77, rounds=8),
-    "sd15-512px": Setting("sd15-512px", lambda: _sd15_unet(64), 64, 77, rounds=50),
+    "sd15-256px": Setting("sd15-256px", lambda: sd15_unet(32), 32, 77, rounds=8),
+    "sd15-512px": Setting("sd15-512px", lambda: sd15_unet(64), 64, 77, rounds=50),
 }
 SELECTED = [s for s in os.environ.get("REFCOND_BENCH_SETTINGS", "tiny-sd15,sd15-256px").split(",") if s]
 
@@ -106,14 +106,7 @@ def _time(benchmark: Any, bench: Bench, variant: str, step: Any) -> torch.Tensor
     benchmark.group = f"lora/{bench.setting.name}"
     benchmark.extra_info.update(suite="lora", setting=bench.setting.name, variant=variant, rank=RANK)
 
-    def synchronized() -> Any:
-        out = step()
-        if DEVICE.type == "cuda":  # time the kernels, not their launch
-            torch.cuda.synchronize()
-        return out
-
-    with torch.inference_mode():
-        out = benchmark.pedantic(synchronized, rounds=bench.setting.rounds, iterations=1, warmup_rounds=3 if DEVICE.type == "cuda" else 1)
+    out = timed_rounds(benchmark, step, bench.setting.rounds)
     bench.outputs[variant] = out
     return out
 

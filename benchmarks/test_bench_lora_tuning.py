@@ -30,7 +30,8 @@ from typing import Any
 
 import pytest
 import torch
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from common import DEVICE, DTYPE, sd15_unet
+from diffusers import PNDMScheduler, StableDiffusionPipeline
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -43,25 +44,9 @@ from refcond.testing import (
 
 tuning = pytest.importorskip("refcond_injectors.lora.tuning")
 
-DEVICE = torch.device(os.environ.get("REFCOND_BENCH_DEVICE", "cpu"))
-DTYPE = getattr(torch, os.environ.get("REFCOND_BENCH_DTYPE", "float32"))
 MIXED_PRECISION = {torch.float32: "no", torch.float16: "fp16", torch.bfloat16: "bf16"}[DTYPE]
 RESULTS = Path(os.environ.get("REFCOND_BENCH_LORA_JSON", Path(__file__).parent / "results" / "lora_tuning.json"))
 REFERENCES = 4
-
-
-def _sd15_unet(sample_size: int) -> UNet2DConditionModel:
-    """Stable Diffusion 1.5's UNet architecture (860M parameters), random weights (as in test_bench_unet_step.py)."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
 
 
 def _sd15_pipeline(latent_size: int) -> StableDiffusionPipeline:
@@ -81,7 +66,7 @@ def _sd15_pipeline(latent_size: int) -> StableDiffusionPipeline:
         )
     ).eval()
     return StableDiffusionPipeline(
-        unet=_sd15_unet(latent_size),
+        unet=sd15_unet(latent_size),
         vae=tiny_vae(),
         text_encoder=text_encoder,
         tokenizer=tokenizer,

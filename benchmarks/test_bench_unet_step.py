@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import torch
+from common import DEVICE, DTYPE, sd15_unet, timed_rounds
 from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from refcond_injectors.cross_attention import CrossAttentionInjector
 from refcond_injectors.testing import fabricate_ip_adapter_state_dict
@@ -41,24 +42,6 @@ from refcond.testing import (
 )
 
 REFERENCES = 4
-#: Where and in which precision to run (a GPU run: REFCOND_BENCH_DEVICE=cuda REFCOND_BENCH_DTYPE=float16).
-DEVICE = torch.device(os.environ.get("REFCOND_BENCH_DEVICE", "cpu"))
-DTYPE = getattr(torch, os.environ.get("REFCOND_BENCH_DTYPE", "float32"))
-
-
-def _sd15_unet(sample_size: int) -> UNet2DConditionModel:
-    """Stable Diffusion 1.5's UNet architecture (860M parameters), random weights."""
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        block_out_channels=(320, 640, 1280, 1280),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    ).eval()
-
 
 @dataclass(frozen=True)
 class Setting:
@@ -77,9 +60,9 @@ class Setting:
 SETTINGS = {
     "tiny-sd15": Setting("tiny-sd15", lambda: tiny_unet(), 16, 32, 17, 77, rounds=30),
     # SD1.5's full UNet at 256 px (32x32 latents) to keep a step within seconds on a laptop CPU.
-    "sd15-256px": Setting("sd15-256px", lambda: _sd15_unet(32), 32, 1280, 257, 77, rounds=5, resampler_dim=768),
+    "sd15-256px": Setting("sd15-256px", lambda: sd15_unet(32), 32, 1280, 257, 77, rounds=5, resampler_dim=768),
     # SD1.5 at its native 512 px (64x64 latents): meant for a GPU run.
-    "sd15-512px": Setting("sd15-512px", lambda: _sd15_unet(64), 64, 1280, 257, 77, rounds=50, resampler_dim=768),
+    "sd15-512px": Setting("sd15-512px", lambda: sd15_unet(64), 64, 1280, 257, 77, rounds=50, resampler_dim=768),
 }
 SELECTED = [s for s in os.environ.get("REFCOND_BENCH_SETTINGS", "tiny-sd15,sd15-256px").split(",") if s]
 
@@ -145,14 +128,7 @@ def build_bench(setting: Setting) -> Bench:
 def _time(benchmark: Any, bench: Bench, variant: str, step: Any) -> torch.Tensor:
     benchmark.group = bench.setting.name
     benchmark.extra_info.update(setting=bench.setting.name, variant=variant, references=REFERENCES)
-    def synchronized() -> Any:
-        out = step()
-        if DEVICE.type == "cuda":  # time the kernels, not their launch
-            torch.cuda.synchronize()
-        return out
-
-    with torch.inference_mode():
-        out = benchmark.pedantic(synchronized, rounds=bench.setting.rounds, iterations=1, warmup_rounds=3 if DEVICE.type == "cuda" else 1)
+    out = timed_rounds(benchmark, step, bench.setting.rounds)
     bench.outputs[variant] = out
     return out
 

@@ -8,6 +8,7 @@ from typing import Any
 from diffusers.loaders.unet_loader_utils import _maybe_expand_lora_scales
 
 from refcond import ConfigError
+from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.cross_attention.layers import CrossAttentionLayer
 
 
@@ -49,15 +50,11 @@ def layer_scales(unet: Any, layers: list[CrossAttentionLayer], scale: float | Ma
 
 
 def _check_blocks(unet: Any, scale: Mapping[str, Any]) -> None:
-    """diffusers silently ignores blocks without attention (``block_9``); name them instead."""
-    for group, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
-        chosen = scale.get(group)
-        if not isinstance(chosen, Mapping):
-            continue
-        valid = [f"block_{i}" for i, block in enumerate(blocks) if hasattr(block, "attentions")]
-        unknown = sorted(set(chosen) - set(valid))
-        if unknown:
-            raise ConfigError(
-                f"reference_scale {dict(scale)!r} does not fit this UNet: {group} has no cross-attention block(s) "
-                f"{unknown}; its blocks with cross-attention are {valid}."
-            )
+    """Name the blocks diffusers would silently ignore."""
+    found = unknown_blocks(unet, scale)
+    if found:
+        group, unknown, valid = found
+        raise ConfigError(
+            f"reference_scale {dict(scale)!r} does not fit this UNet: {group} has no cross-attention block(s) "
+            f"{unknown}; its blocks with cross-attention are {valid}."
+        )

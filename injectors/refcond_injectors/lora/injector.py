@@ -9,14 +9,15 @@ from typing import Any
 
 from refcond import (
     Backbone,
-    ReferenceImageError,
     BuildContext,
     CheckpointError,
     Condition,
     ConfigError,
     IncompatibleBackboneError,
     RefcondError,
+    ReferenceImageError,
 )
+from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
 from refcond_injectors.lora.files import (
@@ -25,13 +26,13 @@ from refcond_injectors.lora.files import (
     read_lora,
     require_lora_support,
 )
-from refcond_injectors.lora.tuning import tune_lora
 from refcond_injectors.lora.state import (
     FusedWeights,
     PeftSnapshot,
     peft_layers,
     quiet_loading,
 )
+from refcond_injectors.lora.tuning import tune_lora
 
 
 class LoraInjector:
@@ -323,19 +324,10 @@ class TunedLoraAttachment(LoraAttachment):
 
 def _check_blocks(scale: Any, unet: Any, label: str) -> None:
     """Refuse per-block weights for blocks the UNet lacks (diffusers would silently ignore them)."""
-    if not isinstance(scale, Mapping):
-        return
-    for side, blocks in (("down", unet.down_blocks), ("up", unet.up_blocks)):
-        given = scale.get(side)
-        if not isinstance(given, Mapping):
-            continue
-        known = [f"block_{i}" for i, block in enumerate(blocks) if hasattr(block, "attentions")]
-        unknown = sorted(set(given) - set(known))
-        if unknown:
-            raise ConfigError(
-                f"injector 'lora': the per-block scale of LoRA {label!r} names {side}.{unknown[0]}, but this UNet's "
-                f"{side} blocks with attention layers are {', '.join(known) or 'none'}."
-            )
-
-
-__all__ = ["LoraAttachment", "LoraInjector"]
+    found = unknown_blocks(unet, scale) if isinstance(scale, Mapping) else None
+    if found:
+        side, unknown, known = found
+        raise ConfigError(
+            f"injector 'lora': the per-block scale of LoRA {label!r} names {side}.{unknown[0]}, but this UNet's "
+            f"{side} blocks with attention layers are {', '.join(known) or 'none'}."
+        )
