@@ -38,3 +38,30 @@ def timed_rounds(benchmark: Any, step: Any, rounds: int) -> Any:
 
     with torch.inference_mode():
         return benchmark.pedantic(synchronized, rounds=rounds, iterations=1, warmup_rounds=3 if DEVICE.type == "cuda" else 1)
+
+
+def sd_pipeline_around(unet: UNet2DConditionModel, image_encoder: Any = None) -> Any:
+    """A StableDiffusionPipeline around ``unet`` with the tiny VAE and text encoder, on DEVICE in DTYPE.
+
+    Only the UNet is timed; the other parts just let refcond and diffusers build around it.
+    """
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    from refcond.testing import (
+        tiny_feature_extractor,
+        tiny_text_encoder,
+        tiny_tokenizer,
+        tiny_vae,
+    )
+
+    return StableDiffusionPipeline(
+        unet=unet,
+        vae=tiny_vae(),
+        text_encoder=tiny_text_encoder(),
+        tokenizer=tiny_tokenizer(),
+        scheduler=PNDMScheduler(skip_prk_steps=True),
+        safety_checker=None,
+        feature_extractor=tiny_feature_extractor() if image_encoder is not None else None,
+        image_encoder=image_encoder,
+        requires_safety_checker=False,
+    ).to(DEVICE, DTYPE)

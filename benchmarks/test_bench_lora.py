@@ -26,13 +26,13 @@ from typing import Any
 
 import pytest
 import torch
-from common import DEVICE, DTYPE, sd15_unet, timed_rounds
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from common import DEVICE, DTYPE, sd15_unet, sd_pipeline_around, timed_rounds
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from refcond_injectors.testing import fabricate_lora_state_dict
 from safetensors.torch import save_file
 
 import refcond
-from refcond.testing import tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
+from refcond.testing import tiny_unet
 
 RANK = 16
 
@@ -80,16 +80,7 @@ def bench(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
 def build_bench(setting: Setting, folder: Path) -> Bench:
     """The pipeline around the setting's UNet, a LoRA file for it, and one step's inputs."""
     unet = setting.build_unet()
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(),
-        tokenizer=tiny_tokenizer(),
-        scheduler=PNDMScheduler(skip_prk_steps=True),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    ).to(DEVICE, DTYPE)
+    pipe = sd_pipeline_around(unet)
     lora_file = folder / f"{setting.name}.safetensors"
     save_file(fabricate_lora_state_dict(pipe, "diffusers", rank=RANK, seed=1, text_encoders=False), str(lora_file))
     gen = torch.Generator().manual_seed(0)

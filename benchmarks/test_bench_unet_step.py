@@ -25,20 +25,16 @@ from typing import Any
 
 import pytest
 import torch
-from common import DEVICE, DTYPE, sd15_unet, timed_rounds
-from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from common import DEVICE, DTYPE, sd15_unet, sd_pipeline_around, timed_rounds
+from diffusers import UNet2DConditionModel
 from refcond_injectors.cross_attention import CrossAttentionInjector
 from refcond_injectors.testing import fabricate_ip_adapter_state_dict
 
 import refcond
 from refcond import Condition
 from refcond.testing import (
-    tiny_feature_extractor,
     tiny_image_encoder,
-    tiny_text_encoder,
-    tiny_tokenizer,
     tiny_unet,
-    tiny_vae,
 )
 
 REFERENCES = 4
@@ -98,17 +94,7 @@ def build_bench(setting: Setting) -> Bench:
     """The UNet, the built injector (detached), the checkpoint and the inputs of one setting."""
     unet = setting.build_unet()
     clip = tiny_image_encoder(hidden_size=setting.clip_hidden, projection_dim=setting.clip_hidden)
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=tiny_vae(),
-        text_encoder=tiny_text_encoder(),
-        tokenizer=tiny_tokenizer(),
-        scheduler=PNDMScheduler(skip_prk_steps=True),
-        safety_checker=None,
-        feature_extractor=tiny_feature_extractor(),
-        image_encoder=clip,
-        requires_safety_checker=False,
-    ).to(DEVICE, DTYPE)
+    pipe = sd_pipeline_around(unet, image_encoder=clip)
     checkpoint = fabricate_ip_adapter_state_dict(unet, clip, variant="plus", num_tokens=16, seed=1, resampler_dim=setting.resampler_dim)
     rp = refcond.from_pipe(pipe, "ip-adapter", checkpoint=dict(checkpoint), aggregator="concat")
     rp.detach()  # keep the built injector; each benchmark attaches it itself
