@@ -116,6 +116,9 @@ def build(
     built = Built(comp, backbone, context.encoder, context.aggregator, injectors)
     if imported is not None:
         load_weights(built, imported)
+    for component in roles(built).values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()  # built for inference, as diffusers' and transformers' from_pretrained; training calls .train()
     return built
 
 
@@ -159,7 +162,9 @@ def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
             raise CheckpointError(f"key {key!r} belongs to role {role!r}, which this composition does not have. Roles: {', '.join(role_map)}.")
         by_role.setdefault(role, {})[rest] = tensor
     for role, component in role_map.items():
-        if not isinstance(component, torch.nn.Module):
+        if not has_weights(component):
+            if role in by_role:
+                raise CheckpointError(f"{role} ({type(component).__name__}) has no weights, but the checkpoint has keys for it, e.g. {role}.{next(iter(by_role[role]))}.")
             continue
         expected = component.state_dict()
         given = by_role.get(role, {})
@@ -167,10 +172,17 @@ def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
             if given:
                 raise CheckpointError(f"{role} has no weights, but the checkpoint has {len(given)} keys for it, e.g. {role}.{next(iter(given))!r}.")
             continue
+        if not given and role in imported.optional_roles:
+            continue  # the file leaves this role's weights as built
         if not given:
             raise CheckpointError(f"the checkpoint has no weights for {role} ({type(component).__name__}); expected keys such as {role}.{next(iter(expected))}.")
         check_state_dict(expected, given, prefix=f"{role}.")
         component.load_state_dict(given, strict=True)
+
+
+def has_weights(component: Any) -> bool:
+    """Whether a component carries weights: it has ``state_dict()`` and ``load_state_dict(sd, strict=)``, as a torch module does."""
+    return callable(getattr(component, "state_dict", None)) and callable(getattr(component, "load_state_dict", None))
 
 
 def _split_role(key: str, built: Built) -> tuple[str, str]:

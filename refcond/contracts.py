@@ -153,7 +153,10 @@ class Backbone(Protocol):
 class Encoder(Protocol):
     """Turns reference groups into features.
 
-    ``embedding_dim`` is the feature size ``D`` of the encoding it returns.
+    ``embedding_dim`` is the feature size ``D`` of the encoding it returns. An encoder that reads
+    the prompt together with the references (an MLLM given an instruction) sets ``reads_prompt =
+    True``; the pipeline then calls ``encode(references, prompts=[...])`` with one prompt per group
+    and caches the condition by references and prompt.
     """
 
     embedding_dim: int
@@ -241,11 +244,14 @@ class ImportedCheckpoint:
         and are overridden by the caller's.
     :ivar state_dict: weights keyed by role: ``encoder.*``, ``aggregator.*``, ``injector.<i>.*``.
     :ivar source: where the weights came from, for error messages.
+    :ivar optional_roles: roles the file may hold no weights for; they keep the weights they were
+        built with (an MLLM encoder read from its own model when the file has no fine-tuned copy).
     """
 
     composition: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     source: str = ""
+    optional_roles: frozenset[str] = frozenset()
 
 
 @runtime_checkable

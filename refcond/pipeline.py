@@ -12,7 +12,7 @@ from typing import Any
 import PIL.Image
 import torch
 
-from refcond.building import Built, build, roles
+from refcond.building import Built, build, has_weights, roles
 from refcond.checkpoints.io import write_safetensors
 from refcond.checkpoints.native import metadata_for
 from refcond.config import Composition
@@ -58,9 +58,12 @@ class RefcondPipeline:
         self,
         references: Sequence[Sequence[ReferenceInput]],
         reference_weights: Sequence[Sequence[float]] | None = None,
+        prompts: Sequence[str] | None = None,
     ) -> tuple[Condition, Condition]:
         """Encode and aggregate a batch of reference groups.
 
+        :param prompts: one prompt per group, for an encoder that reads the prompt with the
+            references (``reads_prompt``, e.g. ``mllm`` with ``append_prompt``); others ignore them.
         :returns: ``(condition, unconditional)``, each with one row per group; ``unconditional`` is
             what the negative branch of classifier-free guidance reads.
         """
@@ -71,13 +74,18 @@ class RefcondPipeline:
             )
         groups = [load_references(group) for group in references]
         weights = None if reference_weights is None else torch.tensor([list(map(float, w)) for w in reference_weights])
-        key = (tuple(tuple(_digest(img) for img in group) for group in groups), None if weights is None else tuple(weights.flatten().tolist()))
+        prompts = _encoder_prompts(self.encoder, prompts, len(groups))
+        key = (
+            tuple(tuple(_digest(img) for img in group) for group in groups),
+            None if weights is None else tuple(weights.flatten().tolist()),
+            prompts,
+        )
         cacheable = not any(getattr(c, "training", False) for c in (self.encoder, self.aggregator))
         if cacheable and key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         with torch.inference_mode():
-            encoding = self.encoder.encode(groups)
+            encoding = self.encoder.encode(groups) if prompts is None else self.encoder.encode(groups, prompts=list(prompts))  # type: ignore[call-arg]
             unconditional = self.encoder.encode_unconditional(encoding, groups)
             result = (self.aggregator(encoding, weights), self.aggregator(unconditional, weights))
         if cacheable:
@@ -144,7 +152,12 @@ class RefcondPipeline:
                     "this composition has no encoder and no injector that learns from references: call it without references=."
                 )
             if self.encoder is not None:
-                condition, unconditional = self.encode(groups, weights)
+                prompts = None
+                if getattr(self.encoder, "reads_prompt", False):
+                    prompts = _prompt_list(prompt, batch)
+                    if len(groups) == 1 and batch > 1:  # each prompt reads the group with its own text
+                        groups, weights = groups * batch, None if weights is None else weights * batch
+                condition, unconditional = self.encode(groups, weights, prompts)
                 repeat = num_images_per_prompt * (batch if len(groups) == 1 else 1)
                 condition, unconditional = condition.repeat_interleave(repeat), unconditional.repeat_interleave(repeat)
 
@@ -177,6 +190,11 @@ class RefcondPipeline:
         if getattr(self, "_detached", False):
             raise RefcondError("this RefcondPipeline was detached; build a new one with refcond.from_pipe(pipe, ...).")
 
+    @property
+    def attachments(self) -> list[Any]:
+        """The handles of the attached injectors, in injector order (empty once detached)."""
+        return list(self._attachments)
+
     def components(self) -> dict[str, Any]:
         """Components by checkpoint role: ``encoder``, ``aggregator``, ``injector.<i>``."""
         return roles(Built(self.composition, self.backbone, self.encoder, self.aggregator, self.injectors))
@@ -185,7 +203,7 @@ class RefcondPipeline:
         """The weights refcond owns (not the backbone's), keyed ``<role>.<parameter>``."""
         out: dict[str, torch.Tensor] = {}
         for role, component in self.components().items():
-            if isinstance(component, torch.nn.Module):
+            if has_weights(component):
                 out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
         return out
 
@@ -222,6 +240,24 @@ def _as_groups(references: Any, weights: Any) -> tuple[list[Any], list[list[floa
         return groups, None
     weights = [list(w) for w in weights] if _is_group_list(weights) else [list(weights)] * len(groups)
     return groups, weights
+
+
+def _prompt_list(prompt: Any, batch: int) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] * batch
+    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    raise ConfigError("this composition's encoder reads the prompt with the references: pass prompt as text, not prompt_embeds.")
+
+
+def _encoder_prompts(encoder: Any, prompts: Sequence[str] | None, groups: int) -> tuple[str, ...] | None:
+    """The prompts an encoder that reads them gets (one per group); None for other encoders."""
+    if not getattr(encoder, "reads_prompt", False):
+        return None
+    if prompts is None or len(prompts) != groups:
+        given = "none" if prompts is None else str(len(prompts))
+        raise ConfigError(f"the encoder reads the prompt with the references: pass one prompt per reference group ({groups}), got {given}.")
+    return tuple(prompts)
 
 
 def _prompt_batch(prompt: Any, kwargs: Mapping[str, Any]) -> int:
