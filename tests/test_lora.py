@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 import refcond
 from refcond import ReferenceAdapter
+from refcond.checkpoints.io import read_checkpoint, write_safetensors
 from refcond.testing import (
     reference_images,
     tiny_sd15_pipeline,
@@ -469,3 +470,48 @@ def test_the_lora_guide_compositions_and_cli_overrides_validate(plugins):
     assert sets
     composition = refcond.Composition.parse(tomllib.loads(tomls[0]))
     composition.with_overrides(parse_overrides(sets)).validate_components(plugins.registry)
+
+
+# -- LoRA layers of the composition's own (config layers) -----------------------------------------
+
+
+def test_fresh_lora_layers_change_nothing_and_save_with_the_composition(tmp_path: Path) -> None:
+    pipe = tiny_sd15_pipeline()
+    plain = generate(pipe)
+    before = pipeline_state(pipe)  # after a first run, which sets transformers' lazy attributes
+    rp = refcond.from_pipe(pipe, lora_only(layers={"rank": 2}))
+    weights = rp.injectors[0].state_dict()
+    attention_layers = len(pipe.unet.attn_processors)
+    assert len(weights) == attention_layers * 4 * 2  # to_q, to_k, to_v, to_out.0; lora_A and lora_B
+    assert all(not v.any() for k, v in weights.items() if k.endswith("lora_B.weight"))  # lora_B starts at zero
+    assert torch.equal(generate(pipe), plain)
+
+    for key, value in weights.items():  # the live PEFT weights: what a training step would change
+        if key.endswith("lora_B.weight"):
+            value.normal_(std=0.1)
+    changed = generate(pipe)
+    assert not torch.allclose(changed, plain, atol=1e-4)
+    path = rp.save(tmp_path / "layers.safetensors")
+    rp.detach()
+    assert not differences(before, pipeline_state(pipe))
+    again = refcond.load(path, pipe)
+    assert torch.equal(generate(pipe), changed)
+    again.detach()
+    assert torch.equal(generate(pipe), plain)
+
+
+def test_lora_layer_targets_and_weights_are_checked(tmp_path: Path) -> None:
+    pipe = tiny_sd15_pipeline()
+    with pytest.raises(refcond.ConfigError, match="has no such module"):
+        refcond.from_pipe(pipe, lora_only(layers={"rank": 2, "targets": ["to_x"]}))
+    with pytest.raises(refcond.ConfigError, match="rank"):
+        refcond.from_pipe(pipe, lora_only(layers={"rank": 0}))
+    rp = refcond.from_pipe(pipe, lora_only(layers={"rank": 2, "targets": ["to_q"]}))
+    tensors, metadata = read_checkpoint(rp.save(tmp_path / "good.safetensors"))
+    rp.detach()
+    key = next(k for k in tensors if k.endswith("lora_A.weight"))
+    tensors[key] = torch.zeros(3, tensors[key].shape[1])
+    path = write_safetensors(tmp_path / "bad.safetensors", tensors, metadata)
+    with pytest.raises(refcond.CheckpointError, match=rf"{re.escape(key)}: expected shape \(2, \d+\), got \(3, \d+\)"):
+        refcond.load(path, pipe)
+    assert not getattr(pipe.unet, "peft_config", None)

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import Field, field_validator, model_validator
 
 from refcond import ComponentConfig
+from refcond_injectors.lora.layers import LoraLayersConfig
 from refcond_injectors.lora.tuning import TuningConfig
 
 #: What PEFT accepts as an adapter name (it becomes a key of ``torch.nn.ModuleDict``: no dots).
@@ -93,6 +94,12 @@ class LoraInjectorConfig(ComponentConfig):
         default=None,
         description="Tune a LoRA on each call's reference group (DreamBooth-LoRA) and generate with it, beside the "
         "files in loras. None = no tuning: the references are not read.",
+    )
+    layers: LoraLayersConfig | None = Field(
+        default=None,
+        description="LoRA layers with weights of the composition's own, on every UNet attention layer (EasyRef's UNet LoRA): "
+        "loaded from the composition's checkpoint (injector.<i>.unet.<module>.lora_A.weight / lora_B.weight) or fresh "
+        "(lora_B zero: no change until trained). None = only the files in loras.",
     )
 
     @model_validator(mode="after")

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from refcond import (
     Backbone,
     BuildContext,
@@ -20,6 +22,7 @@ from refcond import (
 from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
+from refcond_injectors.lora.layers import LoraLayerWeights, peft_weight, target_layers
 from refcond_injectors.lora.files import (
     default_adapter_name,
     locate,
@@ -38,13 +41,20 @@ from refcond_injectors.lora.tuning import tune_lora
 class LoraInjector:
     """Loads LoRA files into the backbone's UNet and text encoders when attached.
 
-    It holds no weights of its own: the LoRA weights live in the pipeline, as PEFT adapters, from
-    :meth:`attach` to :meth:`LoraAttachment.detach`. Build it with :meth:`from_config`.
+    The files' weights live in the pipeline, as PEFT adapters, from :meth:`attach` to
+    :meth:`LoraAttachment.detach`. With ``config.layers`` the injector also owns LoRA layers on
+    every UNet attention layer (EasyRef's): their weights are its :meth:`state_dict`, which a
+    refcond checkpoint stores and :meth:`load_state_dict` reads. Build it with :meth:`from_config`.
     """
 
     def __init__(self, config: LoraInjectorConfig, backbone: Backbone):
         self.config = config
         self.backbone = backbone
+        self.own_layers: LoraLayerWeights | None = None
+        if config.layers is not None:
+            layers = target_layers(backbone.unet, config.layers.targets)
+            self.own_layers = LoraLayerWeights(layers, config.layers.rank, device=backbone.device, dtype=backbone.dtype)
+        self.attachment: LoraAttachment | None = None
 
     @classmethod
     def from_config(cls, config: LoraInjectorConfig, context: BuildContext) -> LoraInjector:
@@ -67,7 +77,51 @@ class LoraInjector:
                 "injector 'lora' loads LoRA files through the pipeline it was built from (into its UNet and text "
                 "encoders), so it attaches only to that pipeline's UNet; build it from the pipeline that owns this UNet."
             )
-        return TunedLoraAttachment(self) if self.config.tuning is not None else LoraAttachment(self)
+        if self.attachment is not None:
+            raise ConfigError("this lora injector is attached already; detach it before attaching it again.")
+        self.attachment = TunedLoraAttachment(self) if self.config.tuning is not None else LoraAttachment(self)
+        return self.attachment
+
+    # -- the weights of its own LoRA layers (config.layers) ---------------------------------------
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The own LoRA layers' weights, ``unet.<module>.lora_{A,B}.weight`` (empty without ``layers``).
+
+        While attached these are the live weights of the PEFT adapter in the UNet, so a training
+        step's changes are what a checkpoint saves.
+        """
+        if self.own_layers is None:
+            return {}
+        attachment = self.attachment
+        if attachment is not None and attachment.own_adapter is not None:
+            unet = self.pipeline.unet
+            return {key: peft_weight(unet, key, attachment.own_adapter).detach() for key, _ in self.own_layers.items()}
+        return {key: value.detach() for key, value in self.own_layers.items()}
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
+        """Load the own LoRA layers' weights (keys and shapes as :meth:`state_dict`); only while detached."""
+        if self.own_layers is None:
+            if state_dict:
+                raise CheckpointError(f"injector 'lora' has no layers of its own (config layers is None), but got {len(state_dict)} weights for them.")
+            return
+        if self.attachment is not None:
+            raise RefcondError("load the lora injector's weights before attaching it (refcond.from_pipe does), not while it is attached.")
+        expected = {key: value for key, value in self.own_layers.items()}
+        problems = [f"missing key {k}" for k in sorted(set(expected) - set(state_dict)) if strict]
+        problems += [f"unexpected key {k}" for k in sorted(set(state_dict) - set(expected))]
+        problems += [
+            f"key {k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}"
+            for k, v in state_dict.items()
+            if k in expected and v.shape != expected[k].shape
+        ]
+        if problems:
+            raise CheckpointError("the lora injector's layers do not match the weights:\n  - " + "\n  - ".join(problems[:10]))
+        self.own_layers.load(state_dict)
+
+
+#: How messages name the injector's own LoRA layers, and the base of their adapter name.
+OWN_LAYERS_LABEL = "the lora injector's own layers (config layers)"
+OWN_LAYERS_ADAPTER = "refcond_layers"
 
 
 class LoraAttachment:
@@ -94,9 +148,12 @@ class LoraAttachment:
         self._snapshot = PeftSnapshot.take(self.pipeline)
         self._fused = FusedWeights()
         self._attached = True
+        self.own_adapter: str | None = None
         try:
             for source in self.config.loras:
                 self._load(source, fuse=False)
+            if injector.own_layers is not None:
+                self.own_adapter = self._load_own_layers()
             if self.config.fuse:
                 self._fuse()
         except BaseException:
@@ -176,6 +233,9 @@ class LoraAttachment:
         self._snapshot.reactivate(self.pipeline, [])
         self._snapshot.restore_pipeline_attributes(self.pipeline)
         self._attached = False
+        self.own_adapter = None
+        if self.injector.attachment is self:
+            self.injector.attachment = None
 
     # -- internals --------------------------------------------------------------------------------
 
@@ -190,11 +250,24 @@ class LoraAttachment:
         lora = read_lora(self.pipeline, where, allow_pickle=allow_pickle)
         check_lora(self.pipeline, self.injector.backbone.name, lora.state_dict, where.label)
         name = self._adapter_name(spec, where.stem)
+        return self._install(spec, name, where.label, where.location, where.loader_kwargs(allow_pickle), fuse=fuse)
+
+    def _load_own_layers(self) -> str:
+        """Load the injector's own LoRA layers (``config.layers``) as one more adapter."""
+        layers = self.config.layers
+        assert layers is not None and self.injector.own_layers is not None
+        spec = LoraSource(path=OWN_LAYERS_LABEL, scale=layers.scale)
+        name = self._adapter_name(spec, OWN_LAYERS_ADAPTER)
+        state = {key: value.clone() for key, value in self.injector.own_layers.items()}  # diffusers may consume the dict
+        return self._install(spec, name, OWN_LAYERS_LABEL, state, {}, fuse=False)
+
+    def _install(self, spec: LoraSource, name: str, label: str, location: Any, loader_kwargs: dict[str, Any], *, fuse: bool) -> str:
+        """Load one checked LoRA (a file location or a state dict) under ``name`` and activate it."""
         self._unfuse()
         before = PeftSnapshot.take(self.pipeline)
         try:
             with quiet_loading():
-                self.pipeline.load_lora_weights(where.location, adapter_name=name, **where.loader_kwargs(allow_pickle))
+                self.pipeline.load_lora_weights(location, adapter_name=name, **loader_kwargs)
             self._sources[name] = spec.model_copy(update={"adapter_name": name})
             self._activate()
         except BaseException as exc:
@@ -207,7 +280,7 @@ class LoraAttachment:
                 self._fuse()
             if isinstance(exc, RefcondError) or not isinstance(exc, Exception):
                 raise
-            raise CheckpointError(f"diffusers could not load LoRA {where.label!r}: {exc}") from exc
+            raise CheckpointError(f"diffusers could not load LoRA {label!r}: {exc}") from exc
         if fuse:
             self._fuse()
         return name
