@@ -87,8 +87,12 @@ class MllmEncoderConfig(ComponentConfig):
     )
     instruction: str = Field(
         default=EASYREF_INSTRUCTION,
-        description="Text after the images in the user turn. A prompt passed to encode(..., prompts=) is appended to it; "
-        "the refcond pipeline passes none, so the text is the instruction alone.",
+        description="Text after the images in the user turn (EasyRef's template). Prompts given to encode(..., prompts=) follow it.",
+    )
+    append_prompt: bool = Field(
+        default=False,
+        description="Let the MLLM read the generation prompt after the instruction (EasyRef's training text: template + caption). "
+        "False reads the instruction alone, so one encoding serves every prompt over the same references.",
     )
     min_pixels: int = Field(
         default=OFFICIAL_MIN_PIXELS,
@@ -259,6 +263,11 @@ class MllmEncoder(torch.nn.Module):
         )
 
     # -- encoding ---------------------------------------------------------------------------------
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the pipeline should pass the prompt to :meth:`encode` (``config.append_prompt``)."""
+        return self.config.append_prompt
 
     @property
     def device(self) -> torch.device:

@@ -24,7 +24,7 @@ from refcond.testing.models import (
     tiny_unet,
     tiny_vae,
 )
-from refcond.testing.qwen2vl import tiny_qwen2vl, tiny_qwen2vl_processor
+from refcond.testing.qwen2vl import save_tiny_qwen2vl, tiny_qwen2vl, tiny_qwen2vl_processor
 
 __all__ = [
     "IMAGE_ENCODER_SIZE",
@@ -35,6 +35,7 @@ __all__ = [
     "make_condition",
     "make_encoding",
     "reference_images",
+    "save_tiny_qwen2vl",
     "tiny_feature_extractor",
     "tiny_image_encoder",
     "tiny_qwen2vl",

@@ -5,6 +5,8 @@ Enable them in a ``conftest.py`` with ``pytest_plugins = ["refcond.testing.fixtu
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import PIL.Image
 import pytest
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -12,6 +14,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from refcond.plugins import Plugins, load_plugins
 from refcond.testing.images import reference_images
 from refcond.testing.models import tiny_sd15_pipeline, tiny_sdxl_pipeline
+from refcond.testing.qwen2vl import save_tiny_qwen2vl
 
 
 @pytest.fixture
@@ -36,3 +39,9 @@ def references() -> list[PIL.Image.Image]:
 def plugins() -> Plugins:
     """Plugins freshly loaded from the installed entry points (a new registry per test)."""
     return load_plugins()
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding the tiny Qwen2-VL (seed 0), loadable as the ``mllm`` encoder's ``model``."""
+    return save_tiny_qwen2vl(tmp_path_factory.mktemp("tiny-qwen2vl"))

@@ -139,3 +139,18 @@ def tiny_qwen2vl(seed: int = 0) -> Qwen2VLForConditionalGeneration:
             if "norm" in name and parameter.ndim == 1:
                 parameter.add_(0.1 * torch.randn_like(parameter))
     return model.eval()
+
+
+def save_tiny_qwen2vl(folder: str | Path, seed: int = 0) -> Path:
+    """Write the tiny Qwen2-VL as a model folder (weights, config, tokenizer, image processor).
+
+    The ``mllm`` encoder loads such a folder as it loads ``Qwen/Qwen2-VL-2B-Instruct``
+    (``encoder = {"config": {"model": str(folder)}}``), so compositions run their real loading path
+    offline. The image processor keeps the tiny resolution rule (:data:`MIN_PIXELS`..:data:`MAX_PIXELS`).
+    """
+    folder = Path(folder)
+    tiny_qwen2vl(seed).save_pretrained(folder)
+    image_processor, tokenizer = tiny_qwen2vl_processor()
+    tokenizer.save_pretrained(folder)
+    image_processor.save_pretrained(folder)
+    return folder
