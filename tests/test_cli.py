@@ -246,7 +246,7 @@ def test_generate_from_a_composition_file_with_set_overrides(model_dir, ref_args
     ("args", "exit_code", "fragments"),
     [
         (["--ref", "missing.png"], 1, ["reference 0 ('missing.png'): file not found"]),
-        (["-c", "ip-adaptor"], 1, ["unknown composition 'ip-adaptor'. Did you mean 'ip-adapter'?", "Available compositions: 'ip-adapter'"]),
+        (["-c", "ip-adaptor"], 1, ["unknown composition 'ip-adaptor'. Did you mean 'ip-adapter'?", "Available compositions: 'easyref', 'ip-adapter'"]),
         (["--set", "encoder.ouput=hidden_states"], 1, ["encoder 'clip'", "unknown field 'ouput'. Did you mean 'output'?"]),
         (["--set", "encodr.output=x"], 1, ["unknown composition role 'encodr'. Did you mean 'encoder'?"]),
         (["--set", "aggregator=meen"], 1, ["unknown aggregator 'meen'. Did you mean 'mean'?"]),
