@@ -220,6 +220,28 @@ def test_generate_with_the_lora_tuning_baseline(model_dir, ref_args, tmp_path):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 1  # the LoRA tuned on the references
 
 
+def test_generate_with_easyref_and_an_official_checkpoint(model_dir, ref_args, tmp_path, tiny_qwen2vl_dir):
+    pytest.importorskip("refcond_easyref")
+    from diffusers import UNet2DConditionModel
+    from refcond_easyref.testing import fabricate_official_checkpoint
+    from safetensors.torch import save_file
+
+    from refcond.testing.qwen2vl import MAX_PIXELS, MIN_PIXELS
+
+    official = tmp_path / "model.safetensors"
+    save_file(fabricate_official_checkpoint(UNet2DConditionModel.from_pretrained(model_dir, subfolder="unet")), str(official))
+    result = invoke(
+        "generate", "-m", model_dir, "-c", "easyref", "--checkpoint", official, *ref_args, "-p", "a cat", "--steps", 2,
+        "--set", f"encoder.model={tiny_qwen2vl_dir}", "--set", "encoder.dtype=float32",
+        "--set", f"encoder.min_pixels={MIN_PIXELS}", "--set", f"encoder.max_pixels={MAX_PIXELS}",
+        "-o", tmp_path / "o.png", "--json", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["condition_shape"] == [1, 8, 64]  # the file's 8 reference tokens, of the MLLM's width
+    assert report["composition"]["injectors"][1]["config"]["layers"]["rank"] == 4
+
+
 def test_generate_from_a_composition_file_with_set_overrides(model_dir, ref_args, tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(
