@@ -19,6 +19,7 @@ from refcond import (
     RefcondError,
     ReferenceImageError,
 )
+from refcond.building import check_state_dict
 from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
@@ -106,16 +107,8 @@ class LoraInjector:
             return
         if self.attachment is not None:
             raise RefcondError("load the lora injector's weights before attaching it (refcond.from_pipe does), not while it is attached.")
-        expected = {key: value for key, value in self.own_layers.items()}
-        problems = [f"missing key {k}" for k in sorted(set(expected) - set(state_dict)) if strict]
-        problems += [f"unexpected key {k}" for k in sorted(set(state_dict) - set(expected))]
-        problems += [
-            f"key {k}: expected shape {tuple(expected[k].shape)}, got {tuple(v.shape)}"
-            for k, v in state_dict.items()
-            if k in expected and v.shape != expected[k].shape
-        ]
-        if problems:
-            raise CheckpointError("the lora injector's layers do not match the weights:\n  - " + "\n  - ".join(problems[:10]))
+        expected = dict(self.own_layers.items())
+        check_state_dict(expected if strict else {k: v for k, v in expected.items() if k in state_dict}, state_dict)
         self.own_layers.load(state_dict)
 
 
