@@ -4,7 +4,9 @@ Ratios are taken from the fastest round (``min``), the figure least disturbed by
 and also given for the median. Each suite (a benchmark's ``extra_info["suite"]``) has its own
 section and JSON file: the UNet-step suite (the default) writes to ``REFCOND_BENCH_JSON``
 (default ``benchmarks/results/unet_step_ratios.json``), the LoRA suite to
-``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``).
+``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``). The EasyRef
+encoder suite (times, sequence lengths, memory; no ratios) has its own table and JSON file,
+``REFCOND_BENCH_EASYREF_JSON`` (default ``benchmarks/results/easyref_encoder.json``).
 """
 
 from __future__ import annotations
@@ -84,6 +86,32 @@ def _ratios(variants: dict[str, dict[str, float]], ratios: dict[str, tuple[str, 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
     for name, suite in SUITES.items():
         _report(terminalreporter, config, name, suite)
+    _report_easyref(terminalreporter, config)
+
+
+def _report_easyref(terminalreporter: Any, config: Any) -> None:
+    """EasyRef's encoder suite: a table per setting (see ``easyref_encoder.summarize``), merged into its JSON file by setting."""
+    session = getattr(config, "_benchmarksession", None)
+    records = [
+        {**bench.extra_info, "min": bench.stats.min, "median": bench.stats.median, "rounds": bench.stats.rounds}
+        for bench in getattr(session, "benchmarks", [])
+        if bench.extra_info.get("suite") == "easyref_encoder" and bench.stats
+    ]
+    if not records:
+        return
+    # Imported only when the suite ran: it loads transformers.
+    from easyref_encoder import summarize
+
+    path = Path(os.environ.get("REFCOND_BENCH_EASYREF_JSON", DEFAULT_JSON.parent / "easyref_encoder.json"))
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report["settings"], lines = summarize(records, report.get("settings"))
+    report.update(torch=torch.__version__, machine=platform.processor() or platform.machine())
+    terminalreporter.section("refcond EasyRef encoder: one conditional pass per group of N references; loading the MLLM")
+    for line in lines:
+        terminalreporter.write_line(line)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    terminalreporter.write_line(f"written to {path}")
 
 
 def _report(terminalreporter: Any, config: Any, name: str, suite: Suite) -> None:
