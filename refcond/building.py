@@ -162,11 +162,7 @@ def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
             raise CheckpointError(f"key {key!r} belongs to role {role!r}, which this composition does not have. Roles: {', '.join(role_map)}.")
         by_role.setdefault(role, {})[rest] = tensor
     for role, component in role_map.items():
-        if not has_weights(component):
-            if role in by_role:
-                raise CheckpointError(f"{role} ({type(component).__name__}) has no weights, but the checkpoint has keys for it, e.g. {role}.{next(iter(by_role[role]))}.")
-            continue
-        expected = component.state_dict()
+        expected = component.state_dict() if has_weights(component) else {}
         given = by_role.get(role, {})
         if not expected:
             if given:
@@ -198,16 +194,26 @@ def _split_role(key: str, built: Built) -> tuple[str, str]:
     return f"injector.{index}", rest
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], prefix: str = "") -> None:
-    """Raise :class:`CheckpointError` naming every missing, unexpected or wrongly shaped key."""
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor | tuple[int, ...]],
+    given: Mapping[str, torch.Tensor],
+    prefix: str = "",
+    *,
+    title: str = "checkpoint does not match the model",
+) -> None:
+    """Raise :class:`CheckpointError` naming every missing, unexpected or wrongly shaped key.
+
+    ``expected`` maps each key to a tensor or to its shape; ``title`` heads the list of problems.
+    """
+    shapes = {key: tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value) for key, value in expected.items()}
     problems = []
-    for key in sorted(set(expected) - set(given)):
-        problems.append(f"missing key {prefix}{key} (expected shape {tuple(expected[key].shape)})")
-    for key in sorted(set(given) - set(expected)):
+    for key in sorted(set(shapes) - set(given)):
+        problems.append(f"missing key {prefix}{key} (expected shape {shapes[key]})")
+    for key in sorted(set(given) - set(shapes)):
         problems.append(f"unexpected key {prefix}{key} (shape {tuple(given[key].shape)})")
-    for key in sorted(set(given) & set(expected)):
-        if tuple(given[key].shape) != tuple(expected[key].shape):
-            problems.append(f"key {prefix}{key}: expected shape {tuple(expected[key].shape)}, got {tuple(given[key].shape)}")
+    for key in sorted(set(given) & set(shapes)):
+        if tuple(given[key].shape) != shapes[key]:
+            problems.append(f"key {prefix}{key}: expected shape {shapes[key]}, got {tuple(given[key].shape)}")
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise CheckpointError("checkpoint does not match the model:\n  - " + "\n  - ".join(shown))
+        raise CheckpointError(f"{title}:\n  - " + "\n  - ".join(shown))

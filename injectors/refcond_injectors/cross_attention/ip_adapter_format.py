@@ -38,6 +38,7 @@ from refcond_injectors.cross_attention.layers import (
     describe_layout,
     family,
 )
+from refcond_injectors.cross_attention.projectors import MLP_OFFICIAL_NAMES
 
 IMAGE_PROJ = "image_proj."
 IP_ADAPTER = "ip_adapter."
@@ -49,7 +50,6 @@ _RESAMPLER_ATTN = re.compile(r"^layers\.(\d+)\.0\.(norm1|norm2|to_q|to_kv|to_out
 _RESAMPLER_FF = re.compile(r"^layers\.(\d+)\.1\.(0|1|3)\.(weight|bias)$")
 _ATTN_NAMES = {"norm1": "norm_inputs", "norm2": "norm_latents", "to_q": "to_q", "to_out": "to_out"}
 _FF_NAMES = {"0": "ff_norm", "1": "ff_in", "3": "ff_out"}
-_MLP_NAMES = {"proj.0": "fc1", "proj.2": "fc2", "proj.3": "norm"}
 
 
 class IPAdapterFormat:
@@ -165,7 +165,7 @@ def _mlp(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], str, dict[str, tu
     mapped = {}
     for key, value in sd.items():
         head, _, leaf = key.rpartition(".")
-        mapped[f"{_MLP_NAMES.get(head, head)}.{leaf}"] = (value, key)
+        mapped[f"{MLP_OFFICIAL_NAMES.get(head, head)}.{leaf}"] = (value, key)
     return config, "hidden_states", mapped
 
 
@@ -231,7 +231,7 @@ def _file_key(refcond_key: str, projector: str) -> str:
     """The official name of a projector parameter (for messages about missing keys)."""
     head, _, leaf = refcond_key.rpartition(".")
     if projector == "mlp":
-        return f"{ {v: k for k, v in _MLP_NAMES.items()}.get(head, head) }.{leaf}"
+        return f"{ {v: k for k, v in MLP_OFFICIAL_NAMES.items()}.get(head, head) }.{leaf}"
     m = re.match(r"^layers\.(\d+)\.(\w+)$", head)
     if projector == "resampler" and m:
         attn = {v: k for k, v in _ATTN_NAMES.items()} | {"to_k": "to_kv", "to_v": "to_kv"}

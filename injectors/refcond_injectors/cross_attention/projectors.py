@@ -46,6 +46,11 @@ class LinearProjector(nn.Module):
         return self.num_tokens
 
 
+#: The official ``Sequential`` names of the MLP projector's layers (``proj.{0,2,3}``, in IP-Adapter
+#: Full's ``image_proj`` and EasyRef's ``image_proj_model``) -> :class:`MLPProjector`'s.
+MLP_OFFICIAL_NAMES = {"proj.0": "fc1", "proj.2": "fc2", "proj.3": "norm"}
+
+
 class MLPProjector(nn.Module):
     """EasyRef / IP-Adapter Full projector: ``LayerNorm(fc2(GELU(fc1(x))))`` on every token."""
 

@@ -23,13 +23,13 @@ from refcond.building import check_state_dict
 from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
-from refcond_injectors.lora.layers import LoraLayerWeights, peft_weight, target_layers
 from refcond_injectors.lora.files import (
     default_adapter_name,
     locate,
     read_lora,
     require_lora_support,
 )
+from refcond_injectors.lora.layers import LoraLayerWeights, peft_weight, target_layers
 from refcond_injectors.lora.state import (
     FusedWeights,
     PeftSnapshot,

@@ -86,8 +86,6 @@ class LoraLayerWeights:
     """The weights of the injector's own LoRA layers, in diffusers' LoRA layout (see the module docstring)."""
 
     def __init__(self, layers: list[TargetLayer], rank: int, *, device: torch.device | str | None, dtype: torch.dtype | None):
-        self.layers = layers
-        self.rank = rank
         self.tensors: dict[str, torch.Tensor] = {}
         for layer in layers:
             a, b = layer.keys()

@@ -38,6 +38,7 @@ from refcond_injectors.cross_attention.layers import (
     describe_layout,
     family,
 )
+from refcond_injectors.cross_attention.projectors import MLP_OFFICIAL_NAMES
 
 from refcond import (
     Backbone,
@@ -46,13 +47,13 @@ from refcond import (
     ImportedCheckpoint,
     IncompatibleBackboneError,
 )
+from refcond.building import check_state_dict
 from refcond.checkpoints.io import write_safetensors
 
 PROJECTOR, AGGREGATOR, MLLM, UNET = "image_proj_model.", "mllm_final_layer.", "multimodal_llm.", "unet."
 IGNORED_PREFIXES = ("adapter_modules.",)
 CROSS_ATTENTION, LORA = "cross-attention", "lora"
 
-_PROJECTOR_NAMES = {"proj.0": "fc1", "proj.2": "fc2", "proj.3": "norm"}
 _IP_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<name>to_k_ip|to_v_ip)\.weight$")
 _LORA_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<target>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight$")
 #: Official LoRA names -> the projections of diffusers' Attention they wrap.
@@ -152,10 +153,10 @@ def _projector(sd: Mapping[str, torch.Tensor], backbone: Backbone, out: dict[str
         "proj.3.weight": (cross_dim,),
         "proj.3.bias": (cross_dim,),
     }
-    _require(sd, expected, PROJECTOR, "the image projection model")
+    check_state_dict(expected, sd, PROJECTOR, title="the image projection model does not match")
     for key, tensor in sd.items():
         head, _, leaf = key.rpartition(".")
-        out[f"injector.{CROSS_ATTENTION}.projector.{_PROJECTOR_NAMES[head]}.{leaf}"] = tensor
+        out[f"injector.{CROSS_ATTENTION}.projector.{MLP_OFFICIAL_NAMES[head]}.{leaf}"] = tensor
     return {"projector": "mlp", "input_dim": input_dim, "mlp_hidden_dim": hidden}
 
 
@@ -194,7 +195,7 @@ def _unet(
     expected_ip = {
         f"{layer.name}.{name}.weight": (layer.hidden_size, layer.cross_attention_dim) for layer in layers for name in ("to_k_ip", "to_v_ip")
     }
-    _require(ip, expected_ip, UNET, f"the cross-attention weights (the file has {len(ip) // 2} layers, the UNet {len(layers)})")
+    check_state_dict(expected_ip, ip, UNET, title=f"the cross-attention weights do not match (the file has {len(ip) // 2} layers, the UNet {len(layers)})")
     ip_weights = {
         f"injector.{CROSS_ATTENTION}.layers.{i}.{name}.weight": ip[f"{layer.name}.{name}.weight"]
         for i, layer in enumerate(layers)
@@ -215,7 +216,7 @@ def _unet(
                 key = f"{processor}.{target}_lora.{side}.weight"
                 expected_lora[key] = shape
                 renamed[key] = f"injector.{LORA}.unet.{attention}.{_LORA_TARGETS[target]}.{peft}.weight"
-    _require({k: sd[k] for k in lora}, expected_lora, UNET, f"the UNet LoRA (rank {rank}, targets {targets})")
+    check_state_dict(expected_lora, {k: sd[k] for k in lora}, UNET, title=f"the UNet LoRA (rank {rank}, targets {targets}) does not match")
     lora_weights = {renamed[k]: sd[k] for k in lora}
     config = {"rank": rank, "targets": [_LORA_TARGETS[t] for t in targets]}
     return ip_weights, lora_weights, config, base
@@ -238,20 +239,6 @@ def _mllm(sd: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list
                 f"unexpected key {MLLM}{key} (shape {tuple(tensor.shape)}): expected {MLLM}model.* or {MLLM}visual.* (Qwen2-VL)."
             )
     return out, skipped
-
-
-def _require(given: Mapping[str, torch.Tensor], expected: Mapping[str, tuple[int, ...]], prefix: str, what: str) -> None:
-    """Raise :class:`CheckpointError` naming each missing, unexpected or wrongly shaped official key."""
-    problems = [f"missing key {prefix}{k} (expected shape {expected[k]})" for k in expected if k not in given]
-    problems += [f"unexpected key {prefix}{k} (shape {tuple(given[k].shape)})" for k in given if k not in expected]
-    problems += [
-        f"key {prefix}{k}: expected shape {expected[k]}, got {tuple(given[k].shape)}"
-        for k in expected
-        if k in given and tuple(given[k].shape) != expected[k]
-    ]
-    if problems:
-        shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
-        raise CheckpointError(f"{what} does not match:\n  - " + "\n  - ".join(shown))
 
 
 # -- export ---------------------------------------------------------------------------------------
@@ -282,10 +269,10 @@ def to_official(pipeline: Any) -> dict[str, torch.Tensor]:
     if cross.config.projector != "mlp":
         raise ConfigError(f"to_official: the cross-attention injector's projector is {cross.config.projector!r}; EasyRef's is 'mlp'.")
     out: dict[str, torch.Tensor] = {}
+    official_names = {ours: official for official, ours in MLP_OFFICIAL_NAMES.items()}
     for key, tensor in cross.projector.state_dict().items():
         head, _, leaf = key.rpartition(".")
-        official = {v: k for k, v in _PROJECTOR_NAMES.items()}[head]
-        out[f"{PROJECTOR}{official}.{leaf}"] = tensor
+        out[f"{PROJECTOR}{official_names[head]}.{leaf}"] = tensor
     out.update({f"{AGGREGATOR}{k}": v for k, v in pipeline.aggregator.state_dict().items()})
     for key, tensor in pipeline.encoder.state_dict().items():
         out[MLLM + (key if key.startswith("visual.") else f"model.{key}")] = tensor
