@@ -5,12 +5,16 @@
 >>> image = rp("a dog", references=["a.png", "b.png"]).images[0]  # doctest: +SKIP
 """
 
+from refcond.aggregators import split_references
+from refcond.building import check_state_dict
+from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata, write_safetensors
 from refcond.config import ComponentConfig, ComponentSpec, Composition, EmptyConfig
 from refcond.contracts import (
     MIXED_SOURCE,
     Aggregator,
     Attachment,
     Backbone,
+    BorrowedWeights,
     BuildContext,
     CheckpointFormat,
     Condition,
@@ -30,19 +34,24 @@ from refcond.errors import (
     RefcondError,
     ReferenceImageError,
     UnknownComponentError,
+    did_you_mean,
 )
 from refcond.hookspecs import hookimpl
 from refcond.images import load_references
 from refcond.pipeline import RefcondPipeline, from_pipe, load
 from refcond.plugins import Plugins, from_modules, get_plugins, load_plugins
+from refcond.registry import Register
+from refcond.unet import CrossAttentionLayer, cross_attention_layers, layer_scales
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MIXED_SOURCE",
+    "PICKLE_SUFFIXES",
     "Aggregator",
     "Attachment",
     "Backbone",
+    "BorrowedWeights",
     "BuildContext",
     "CheckpointError",
     "CheckpointFormat",
@@ -51,6 +60,7 @@ __all__ = [
     "Composition",
     "Condition",
     "ConfigError",
+    "CrossAttentionLayer",
     "DuplicateComponentError",
     "EmptyConfig",
     "Encoder",
@@ -65,12 +75,21 @@ __all__ = [
     "ReferenceAdapter",
     "ReferenceEncoding",
     "ReferenceImageError",
+    "Register",
     "UnknownComponentError",
+    "check_state_dict",
+    "cross_attention_layers",
+    "did_you_mean",
     "from_modules",
     "from_pipe",
     "get_plugins",
     "hookimpl",
+    "layer_scales",
     "load",
     "load_plugins",
     "load_references",
+    "read_checkpoint",
+    "read_metadata",
+    "split_references",
+    "write_safetensors",
 ]

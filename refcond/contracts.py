@@ -135,18 +135,71 @@ class BuildContext:
     extras: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class BorrowedWeights:
+    """Pretrained weights a component uses but does not own: checkpoints name them instead of storing them.
+
+    A component lists them in an optional ``borrowed_weights()`` method. refcond freezes them when
+    the composition is built (``requires_grad = False``); a checkpoint then records their source
+    and a content hash and leaves their tensors out. Once they are trained (any parameter requires
+    grad when saving) or were loaded from a checkpoint that carried them (a fine-tuned copy), they
+    count as the component's own and are stored like the rest.
+
+    :ivar module: the module holding the weights (the component itself, a submodule, or a model
+        kept outside the component's module tree, such as a pipeline's image encoder).
+    :ivar source: where they came from: a Hugging Face hub id or a local folder, as the user gave it.
+    :ivar prefix: where they sit in the component's ``state_dict()``: ``""`` for all of it,
+        ``"visual."`` for one part, ``None`` when they are not in it at all (a model the component
+        only reads, outside its module tree).
+    """
+
+    module: torch.nn.Module
+    source: str | None
+    prefix: str | None = ""
+
+
 @runtime_checkable
 class Backbone(Protocol):
-    """A diffusers text-to-image pipeline and the facts about its UNet that injectors need."""
+    """A diffusers text-to-image pipeline and the facts about its UNet that the core and injectors need.
+
+    Built by a factory registered with ``refcond_register_backbones``. Every member below is read
+    by the core: ``device`` and ``dtype`` place fresh components, ``model_id`` is recorded in
+    checkpoints so :func:`refcond.load` can rebuild without a pipeline, and ``accepts`` (also
+    looked up on the registered factory) lets refcond infer the backbone of a pipeline.
+    :func:`refcond.testing.check_backbone` checks them.
+    """
 
     name: str
     pipeline: DiffusionPipeline
 
     @property
-    def unet(self) -> UNet2DConditionModel: ...
+    def unet(self) -> UNet2DConditionModel:
+        """The pipeline's denoising UNet."""
+        ...
 
     @property
-    def cross_attention_dim(self) -> int: ...
+    def cross_attention_dim(self) -> int:
+        """Size of the text tokens the UNet's cross-attention reads."""
+        ...
+
+    @property
+    def device(self) -> torch.device:
+        """Where the UNet's weights are: fresh components are built there."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The UNet's weights dtype: fresh components are built in it."""
+        ...
+
+    @property
+    def model_id(self) -> str | None:
+        """Hub id or local folder the pipeline was loaded from; ``None`` for a pipeline built in memory."""
+        ...
+
+    def accepts(self, pipeline: Any) -> bool:
+        """Whether this kind of backbone can drive ``pipeline`` (define it on the factory class too)."""
+        ...
 
 
 @runtime_checkable
@@ -156,13 +209,19 @@ class Encoder(Protocol):
     ``embedding_dim`` is the feature size ``D`` of the encoding it returns. An encoder that reads
     the prompt together with the references (an MLLM given an instruction) sets ``reads_prompt =
     True``; the pipeline then calls ``encode(references, prompts=[...])`` with one prompt per group
-    and caches the condition by references and prompt.
+    and caches the condition by references and prompt. Other encoders set it ``False`` and are
+    called without ``prompts`` (an encoder written before ``reads_prompt`` existed is read as
+    ``False``).
     """
 
     embedding_dim: int
+    reads_prompt: bool
 
-    def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
-        """Encode a batch of reference groups (each a non-empty list of RGB PIL images)."""
+    def encode(self, references: Sequence[Sequence[Image]], prompts: Sequence[str] | None = None) -> ReferenceEncoding:
+        """Encode a batch of reference groups (each a non-empty list of RGB PIL images).
+
+        :param prompts: one prompt per group; passed only when ``reads_prompt`` is true.
+        """
         ...
 
     def encode_unconditional(self, encoding: ReferenceEncoding, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
@@ -245,13 +304,17 @@ class ImportedCheckpoint:
     :ivar state_dict: weights keyed by role: ``encoder.*``, ``aggregator.*``, ``injector.<i>.*``.
     :ivar source: where the weights came from, for error messages.
     :ivar optional_roles: roles the file may hold no weights for; they keep the weights they were
-        built with (an MLLM encoder read from its own model when the file has no fine-tuned copy).
+        built with. Weights a component declares as :class:`BorrowedWeights` may be absent anyway.
+    :ivar recipe: the registered composition the file is made for (``"ip-adapter"``), so that
+        ``refcond.load(path, pipe)`` can build it without being told; ``None`` when ``composition``
+        is complete (refcond's own checkpoints) or the file fits several recipes.
     """
 
     composition: dict[str, Any]
     state_dict: dict[str, torch.Tensor]
     source: str = ""
     optional_roles: frozenset[str] = frozenset()
+    recipe: str | None = None
 
 
 @runtime_checkable

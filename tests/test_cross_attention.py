@@ -14,8 +14,6 @@ from refcond_injectors.cross_attention import (
     ResamplerProjector,
     project_condition,
 )
-from refcond_injectors.cross_attention.layers import cross_attention_layers
-from refcond_injectors.cross_attention.scales import layer_scales
 from refcond_injectors.testing import fabricate_ip_adapter_state_dict
 from safetensors.torch import save_file
 
@@ -26,6 +24,8 @@ from refcond import (
     ConfigError,
     IncompatibleBackboneError,
     RefcondError,
+    cross_attention_layers,
+    layer_scales,
 )
 from refcond.testing import reference_images, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
@@ -195,7 +195,8 @@ def test_groups_of_different_sizes_are_padded_and_masked(tmp_path: Path) -> None
 def test_per_block_scale_selects_layers_like_instantstyle() -> None:
     unet = tiny_sdxl_pipeline().unet
     layers = cross_attention_layers(unet)
-    scales = dict(zip((la.name for la in layers), layer_scales(unet, layers, {"up": {"block_0": [0.0, 1.0]}, "mid": 0.5}, base=2.0)))
+    names = [la.name for la in layers]
+    scales = dict(zip(names, layer_scales(unet, names, {"up": {"block_0": [0.0, 1.0]}, "mid": 0.5}, base=2.0)))
     for name, value in scales.items():
         if name.startswith("up_blocks.0.attentions.1"):
             assert value == 2.0
@@ -203,10 +204,10 @@ def test_per_block_scale_selects_layers_like_instantstyle() -> None:
             assert value == 1.0
         else:
             assert value == 0.0
-    with pytest.raises(ConfigError, match="does not fit this UNet"):
-        layer_scales(unet, layers, {"up": {"block_9": 1.0}})
+    with pytest.raises(ConfigError, match=r"no block\(s\) with attention layers named \['block_9'\]"):
+        layer_scales(unet, names, {"up": {"block_9": 1.0}})
     with pytest.raises(ConfigError, match="unknown block group"):
-        layer_scales(unet, layers, {"left": 1.0})
+        layer_scales(unet, names, {"left": 1.0})
 
 
 def test_per_block_scale_changes_only_the_chosen_blocks() -> None:

@@ -300,8 +300,9 @@ def test_fusing_over_the_users_unfused_lora_is_refused(tmp_path, sd15_pipe):
 @pytest.mark.parametrize(
     ("scale", "message"),
     [
-        ({"up": {"block_7": 1.0}}, r"names up\.block_7, but this UNet's up blocks with attention layers are block_0, block_1"),
-        ({"up": {"block_1": [1.0, 0.5, 0.2]}}, r"diffusers rejects the LoRA weights .*Expected 2 scales for up\.block_1, got 3"),
+        ({"up": {"block_7": 1.0}}, r"up has no block\(s\) with attention layers named \['block_7'\].*are \['block_0', 'block_1'\]"),
+        ({"up": {"block_1": [1.0, 0.5, 0.2]}}, r"up\.block_1: the block has 2 transformer\(s\), so give 1 or 2 values, got 3"),
+        ({"mid": float("nan")}, r"mid must be a finite number, got nan"),
     ],
 )
 def test_a_bad_per_block_weight_is_a_config_error_and_leaves_the_pipeline_untouched(sd15_pipe, sd15_lora, scale, message):

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from refcond import hookimpl
-from refcond.registry import Register
+from refcond import Register, hookimpl
 from refcond_encoders.clip import ClipEncoder, ClipEncoderConfig
-from refcond_encoders.mllm import MllmEncoder, MllmEncoderConfig
+from refcond_encoders.mllm import MllmEncoder, MllmEncoderConfig, run_decoder
 
-__all__ = ["ClipEncoder", "ClipEncoderConfig", "MllmEncoder", "MllmEncoderConfig"]
+__all__ = ["ClipEncoder", "ClipEncoderConfig", "MllmEncoder", "MllmEncoderConfig", "run_decoder"]
 
 
 @hookimpl

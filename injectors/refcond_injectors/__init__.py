@@ -10,23 +10,28 @@
 
 from __future__ import annotations
 
-from refcond import hookimpl
-from refcond.registry import Register
+from refcond import Register, hookimpl
 from refcond_injectors.cross_attention import (
     CrossAttentionConfig,
     CrossAttentionInjector,
 )
 from refcond_injectors.cross_attention.ip_adapter_format import IPAdapterFormat
+from refcond_injectors.cross_attention.layers import describe_layout, family
+from refcond_injectors.cross_attention.projectors import MLP_OFFICIAL_NAMES, MLPProjector
 from refcond_injectors.lora import LoraInjector, LoraInjectorConfig
 
 __all__ = [
     "IP_ADAPTER_COMPOSITION",
     "LORA_TUNING_COMPOSITION",
+    "MLP_OFFICIAL_NAMES",
     "CrossAttentionConfig",
     "CrossAttentionInjector",
     "IPAdapterFormat",
     "LoraInjector",
     "LoraInjectorConfig",
+    "MLPProjector",
+    "describe_layout",
+    "family",
 ]
 
 #: IP-Adapter: pooled CLIP embeddings of the references, averaged, projected to 4 tokens each.

@@ -11,6 +11,7 @@ from torch import nn
 
 from refcond import (
     BuildContext,
+    layer_scales,
     Condition,
     ConfigError,
     IncompatibleBackboneError,
@@ -32,7 +33,6 @@ from refcond_injectors.cross_attention.projectors import (
     ResamplerProjector,
     project_condition,
 )
-from refcond_injectors.cross_attention.scales import layer_scales
 
 
 class DecoupledKV(nn.Module):
@@ -174,7 +174,7 @@ class CrossAttentionAttachment:
             raise ConfigError(
                 f"the unconditional condition has {unconditional.batch_size} rows but the condition has {condition.batch_size}."
             )
-        scales = layer_scales(self.unet, self.injector.layout, scale, self.injector.config.scale)
+        scales = layer_scales(self.unet, [layer.name for layer in self.injector.layout], scale, base=self.injector.config.scale)
         if not any(scales):  # every layer runs its original processor: nothing to compute
             yield
             return

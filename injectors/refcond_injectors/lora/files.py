@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from refcond import CheckpointError, ConfigError, IncompatibleBackboneError
-from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint
+from refcond import PICKLE_SUFFIXES, read_checkpoint
 
 #: ``owner/name``: how a Hugging Face hub id looks (anything else that does not exist is a missing path).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

@@ -18,9 +18,9 @@ from refcond import (
     IncompatibleBackboneError,
     RefcondError,
     ReferenceImageError,
+    check_state_dict,
+    layer_scales,
 )
-from refcond.building import check_state_dict
-from refcond_injectors.blocks import unknown_blocks
 from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
 from refcond_injectors.lora.files import (
@@ -389,11 +389,10 @@ class TunedLoraAttachment(LoraAttachment):
 
 
 def _check_blocks(scale: Any, unet: Any, label: str) -> None:
-    """Refuse per-block weights for blocks the UNet lacks (diffusers would silently ignore them)."""
-    found = unknown_blocks(unet, scale) if isinstance(scale, Mapping) else None
-    if found:
-        side, unknown, known = found
-        raise ConfigError(
-            f"injector 'lora': the per-block scale of LoRA {label!r} names {side}.{unknown[0]}, but this UNet's "
-            f"{side} blocks with attention layers are {', '.join(known) or 'none'}."
-        )
+    """Refuse per-block weights that name blocks the UNet lacks, or are not finite (diffusers would ignore or propagate them)."""
+    if not isinstance(scale, Mapping):
+        return
+    try:
+        layer_scales(unet, list(unet.attn_processors), scale, default=1.0, what=f"the per-block scale of LoRA {label!r}")
+    except ConfigError as exc:
+        raise ConfigError(f"injector 'lora': {exc}") from None

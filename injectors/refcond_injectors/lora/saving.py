@@ -21,7 +21,7 @@ from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.utils import get_peft_model_state_dict
 
 from refcond import CheckpointError, ConfigError, IncompatibleBackboneError
-from refcond.checkpoints.io import read_checkpoint, read_metadata, write_safetensors
+from refcond import read_checkpoint, read_metadata, write_safetensors
 
 #: Metadata key of refcond's own record in a tuned LoRA file.
 TUNING_METADATA_KEY = "refcond_lora_tuning"

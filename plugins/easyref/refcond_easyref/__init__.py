@@ -12,8 +12,7 @@ It registers, through the ``refcond`` entry point in ``pyproject.toml``:
 
 from __future__ import annotations
 
-from refcond import hookimpl
-from refcond.registry import Register
+from refcond import Register, hookimpl
 from refcond_easyref.official import EasyRefFormat, save_official, to_official
 from refcond_easyref.reference_tokens import (
     ReferenceTokensAggregator,

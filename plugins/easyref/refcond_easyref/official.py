@@ -33,12 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from refcond_injectors.cross_attention.layers import (
-    cross_attention_layers,
-    describe_layout,
-    family,
-)
-from refcond_injectors.cross_attention.projectors import MLP_OFFICIAL_NAMES
+from refcond_injectors import MLP_OFFICIAL_NAMES, describe_layout, family
 
 from refcond import (
     Backbone,
@@ -46,9 +41,10 @@ from refcond import (
     ConfigError,
     ImportedCheckpoint,
     IncompatibleBackboneError,
+    check_state_dict,
+    cross_attention_layers,
+    write_safetensors,
 )
-from refcond.building import check_state_dict
-from refcond.checkpoints.io import write_safetensors
 
 PROJECTOR, AGGREGATOR, MLLM, UNET = "image_proj_model.", "mllm_final_layer.", "multimodal_llm.", "unet."
 IGNORED_PREFIXES = ("adapter_modules.",)

@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field
-from refcond_encoders.mllm import run_decoder
+from refcond_encoders import run_decoder
 
 from refcond import (
     MIXED_SOURCE,

@@ -11,8 +11,7 @@ and calls the ``@hookimpl`` functions below once when it builds its registry.
 
 from __future__ import annotations
 
-from refcond import EmptyConfig, hookimpl
-from refcond.registry import Register
+from refcond import EmptyConfig, Register, hookimpl
 from refcond_example.max_aggregator import MaxAggregator, build_max
 from refcond_example.pixel_stats import PixelStatsConfig, PixelStatsEncoder
 

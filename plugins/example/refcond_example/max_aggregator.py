@@ -11,8 +11,8 @@ from refcond import (
     ConfigError,
     EmptyConfig,
     ReferenceEncoding,
+    split_references,
 )
-from refcond.aggregators import split_references
 
 
 class MaxAggregator(torch.nn.Module):
