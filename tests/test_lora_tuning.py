@@ -11,9 +11,11 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
@@ -22,10 +24,8 @@ from safetensors.torch import load_file
 
 from refcond import ConfigError, IncompatibleBackboneError, ReferenceImageError
 from refcond.testing import reference_images, tiny_sd15_pipeline, tiny_sdxl_pipeline
-
-tuning = pytest.importorskip("refcond_injectors.lora.tuning")
-saving = pytest.importorskip("refcond_injectors.lora.saving")
-TuningConfig, tune_lora, reference_loss = tuning.TuningConfig, tuning.tune_lora, tuning.reference_loss
+from refcond_injectors.lora import saving, tuning
+from refcond_injectors.lora.tuning import TuningConfig, TuningStep, reference_loss, tune_lora
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "lora-tuning.md"
 PIPELINES = {"sd15": tiny_sd15_pipeline, "sdxl": tiny_sdxl_pipeline}
@@ -105,6 +105,58 @@ def test_the_loss_on_the_references_decreases(tmp_path):
     assert after < 0.9 * before, f"tuning did not fit the references: loss {before:.4f} -> {after:.4f}"
     pipe.unload_lora_weights()
     assert reference_loss(pipe, references, config=cfg) == before
+
+
+@pytest.mark.parametrize(("kind", "prediction"), [("sd15", "epsilon"), ("sd15", "v_prediction"), ("sdxl", "epsilon")])
+def test_the_first_step_loss_is_diffusers_noise_prediction_loss(kind, prediction, tmp_path):
+    """Step 1's loss, recomputed outside the tuner from the draws ``on_step`` reports.
+
+    Independent computation: the reference encoded by the VAE by hand (its latents must be a
+    sample of that distribution), diffusers' ``DDPMScheduler.add_noise`` from the pipeline's
+    scheduler config, the UNet run directly (its LoRA starts at zero, so step 1 sees the base
+    UNet), and ``F.mse_loss`` against the noise, or ``scheduler.get_velocity`` for v-prediction.
+    """
+    pipe = PIPELINES[kind]()
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, prediction_type=prediction)
+    resolution = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    reference = reference_images(1, size=resolution)[0]  # already at the tuning resolution: no resize, no crop
+    steps: list[TuningStep] = []
+
+    result = tune_lora(pipe, [reference], config=config(tmp_path, steps=1, seed=6), progress=False, on_step=steps.append)
+
+    (first,) = steps
+    assert first.step == 0 and first.loss == result.losses[0]
+    assert first.timesteps.shape == (1,) and 0 <= int(first.timesteps[0]) < pipe.scheduler.config.num_train_timesteps
+
+    # The clean latents: a sample of the reference's VAE latent distribution, scaled.
+    pixels = torch.from_numpy(np.asarray(reference, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        distribution = pipe.vae.encode(pixels).latent_dist
+    scale = pipe.vae.config.scaling_factor
+    z = (first.latents - distribution.mean * scale) / (distribution.std * scale)
+    assert z.shape == first.latents.shape and abs(float(z.mean())) < 0.2 and 0.8 < float(z.std()) < 1.2
+
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    noisy = scheduler.add_noise(first.latents, first.noise, first.timesteps)
+    unet_inputs = {}
+    if kind == "sdxl":
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt="a photo of sks", device="cpu", do_classifier_free_guidance=False)
+        # (original height, width, crop top, left, target height, width) of an uncropped reference
+        time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32)
+        unet_inputs["added_cond_kwargs"] = {"text_embeds": pooled, "time_ids": time_ids}
+    else:
+        embeds, _ = pipe.encode_prompt("a photo of sks", "cpu", 1, False)
+    with torch.no_grad():
+        predicted = pipe.unet(noisy, first.timesteps, encoder_hidden_states=embeds, **unet_inputs).sample
+    velocity = scheduler.get_velocity(first.latents, first.noise, first.timesteps)
+    target = velocity if prediction == "v_prediction" else first.noise
+    expected = float(F.mse_loss(predicted, target))
+
+    assert first.loss == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    # The check tells the right target from plausible wrong ones (seed 6 draws a mid-range timestep, where they all differ).
+    other = first.noise if prediction == "v_prediction" else velocity
+    for wrong in (first.latents, other, noisy):
+        assert abs(float(F.mse_loss(predicted, wrong)) - expected) > 1e-3 * expected
 
 
 @pytest.mark.parametrize("kind", ["sd15", "sdxl"])

@@ -22,7 +22,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -171,6 +171,32 @@ class TuningResult:
     cached: bool
 
 
+@dataclass(frozen=True)
+class TuningStep:
+    """One optimizer step of :func:`tune_lora`, as its ``on_step`` callback sees it.
+
+    The loss is the one computed before the step's update, from these draws:
+    ``noisy = DDPMScheduler.add_noise(latents, noise, timesteps)`` (a DDPM scheduler built from
+    the pipeline's scheduler config), the UNet's prediction of ``noise`` (or of the velocity, for a
+    ``v_prediction`` scheduler), the mean squared error averaged over the references (plus
+    ``prior_loss_weight`` times its average over the class images, which follow the references
+    in the batch, with prior preservation).
+
+    :ivar step: the step's index, from 0 (a resumed run continues the count).
+    :ivar loss: the step's training loss (``TuningResult.losses[step]``).
+    :ivar latents: the clean latents trained on, ``[B, C, h, w]``: samples of the VAE's latent
+        distributions of the step's references, scaled by ``vae.config.scaling_factor``.
+    :ivar noise: the noise added to them, same shape.
+    :ivar timesteps: the training timestep of each example, ``[B]``.
+    """
+
+    step: int
+    loss: float
+    latents: torch.Tensor
+    noise: torch.Tensor
+    timesteps: torch.Tensor
+
+
 def default_output_dir() -> Path:
     """The folder tuned LoRAs are cached in when ``config.output_dir`` is unset."""
     if os.environ.get("REFCOND_CACHE"):
@@ -188,6 +214,7 @@ def tune_lora(
     output: str | Path | None = None,
     resume_from: str | Path | None = None,
     progress: bool = True,
+    on_step: Callable[[TuningStep], object] | None = None,
 ) -> TuningResult:
     """Fine-tune a LoRA on the UNet of ``pipeline`` so that it reproduces ``references``.
 
@@ -202,6 +229,9 @@ def tune_lora(
     :param resume_from: a file an earlier (interrupted) tuning saved: tuning continues from the step
         it records, with the same data order, noise and timesteps; the optimizer state restarts.
     :param progress: show a tqdm progress bar with the loss.
+    :param on_step: called after every optimizer step with its :class:`TuningStep` (the loss and
+        the latents, noise and timesteps it was computed from): to log or plot the loss live, or to
+        check it against an independent computation.
     :raises KeyboardInterrupt: on Ctrl-C, after saving the LoRA tuned so far (the message says
         where; the exception's ``result`` attribute is the :class:`TuningResult`).
     """
@@ -232,7 +262,7 @@ def tune_lora(
                 params = _add_adapter(pipeline.unet, config, run.training_name)
                 if resume_from is not None:
                     run.resume(resume_from)
-                run.train(_Trainer(pipeline, config, instance, klass, params, accelerator), progress)
+                run.train(_Trainer(pipeline, config, instance, klass, params, accelerator), progress, on_step)
             except KeyboardInterrupt:
                 raise run.interrupted(resume_from) from None
     finally:
@@ -598,8 +628,8 @@ class _Trainer:
         positions = range(first, first + self.config.batch_size)
         return torch.stack([self._order(p // self._length)[p % self._length] for p in positions])
 
-    def step(self, step: int) -> float:
-        """One optimizer step; returns its loss."""
+    def step(self, step: int) -> TuningStep:
+        """One optimizer step; returns its loss and the draws it came from."""
         generator = torch.Generator().manual_seed(_derive_seed(self.config.seed, "step", step))
         index = self.indices(step)
         batch = self.instance.take(index % len(self.instance))
@@ -624,7 +654,7 @@ class _Trainer:
         self.accelerator.backward(loss)
         self.accelerator.clip_grad_norm_(self.params, MAX_GRAD_NORM)
         self.optimizer.step()
-        return value
+        return TuningStep(step, value, latents.detach(), noise, timesteps)
 
 
 @contextmanager
@@ -759,17 +789,20 @@ class _Run:
             )
         self.step, self.losses = resumed.step, list(resumed.losses[: resumed.step])
 
-    def train(self, trainer: _Trainer, progress: bool) -> None:
+    def train(self, trainer: _Trainer, progress: bool, on_step: Callable[[TuningStep], object] | None = None) -> None:
         """Step up to ``config.steps``, saving every ``save_every`` steps and at the end."""
         config = self.config
         with tqdm(total=config.steps, initial=self.step, disable=not progress, desc="tuning LoRA", unit="step") as bar:
             while self.step < config.steps:
-                loss = trainer.step(self.step)
+                done = trainer.step(self.step)
+                loss = done.loss
                 self.losses.append(loss)
                 self.step += 1
                 self.done += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
+                if on_step is not None:  # after the bookkeeping: a Ctrl-C inside it saves this step too
+                    on_step(done)
                 if self.step % config.save_every == 0 and self.step < config.steps:
                     self.save()
         self.save()
