@@ -33,7 +33,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ip_adapter_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An IP-Adapter checkpoint in the official layout, with random weights for the tiny pipeline."""
-    testing = pytest.importorskip("refcond_injectors.testing")
+    from refcond_injectors import testing
+
     pipe = tiny_sd15_pipeline()
     path = tmp_path_factory.mktemp("ckpt") / "ip-adapter_tiny.safetensors"
     save_file(testing.fabricate_ip_adapter_state_dict(pipe.unet, pipe.image_encoder, seed=3), str(path))
@@ -221,7 +222,6 @@ def test_generate_with_the_lora_tuning_baseline(model_dir, ref_args, tmp_path):
 
 
 def test_generate_with_easyref_and_an_official_checkpoint(model_dir, ref_args, tmp_path, tiny_qwen2vl_dir):
-    pytest.importorskip("refcond_easyref")
     from diffusers import UNet2DConditionModel
     from refcond_easyref.testing import fabricate_official_checkpoint
     from safetensors.torch import save_file
