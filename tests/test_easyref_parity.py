@@ -62,7 +62,7 @@ def test_injected_unet_matches_the_official_processors(kind: str, guidance: bool
     sd = fabricate_official_checkpoint(pipe.unet)
     official = official_unet(pipe.unet, sd, TINY_NUM_TOKENS, SCALE)  # a copy of the plain UNet, before refcond attaches
     rp = refcond.from_pipe(pipe, "easyref", checkpoint=sd, **tiny_easyref_overrides(tiny_qwen2vl_dir))
-    condition, unconditional = rp.encode([reference_images(2), reference_images(3, seed=1)])
+    condition, unconditional = rp.encode([reference_images(2), reference_images(3, seed=1)], prompts=["a cat", "a dog"])
     assert not torch.allclose(condition.tokens, unconditional.tokens, atol=1e-3)
 
     inputs = unet_inputs(pipe.unet, rows=4 if guidance else 2)
@@ -96,7 +96,7 @@ def test_guided_generation_matches_the_official_pipeline(kind: str, tiny_qwen2vl
 
     ours = generate(rp, prompt=prompt, references=references, reference_scale=SCALE)
 
-    condition, unconditional = rp.encode([references])
+    condition, unconditional = rp.encode([references], prompts=[prompt])  # what the call encoded
     with torch.no_grad():
         if isinstance(pipe, StableDiffusionXLPipeline):
             text, negative, pooled, negative_pooled = official.encode_prompt(prompt, device="cpu", do_classifier_free_guidance=True)
