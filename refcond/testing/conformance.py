@@ -417,11 +417,7 @@ def _snapshot(unet: torch.nn.Module) -> dict[str, Any]:
         "processors": dict(getattr(unet, "attn_processors", {})),
         "state": {k: v.detach().clone() for k, v in unet.state_dict().items()},
         "modules": {name: type(module) for name, module in unet.named_modules()},
-        "hooks": {
-            name: (tuple(module._forward_pre_hooks), tuple(module._forward_hooks))
-            for name, module in unet.named_modules()
-            if module._forward_pre_hooks or module._forward_hooks
-        },
+        "hooks": {name: ids for name, ids in hooks.items() if any(ids)},  # forward (pre-)hook ids of hooked modules
         "config": dict(getattr(unet, "config", {})),
     }
 
@@ -447,3 +443,6 @@ def _compare_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[st
     if changed_config:
         problems.append(f"unet.config changed: {changed_config}")
     return problems
+    from refcond.compat import forward_hook_ids  # torch lists no module's hooks publicly
+
+    hooks = {name: forward_hook_ids(module) for name, module in unet.named_modules()}

@@ -22,7 +22,7 @@ from diffusers.utils.state_dict_utils import (
 )
 from torch import nn
 
-from refcond import CheckpointError, IncompatibleBackboneError
+from refcond import CheckpointError, IncompatibleBackboneError, compat
 from refcond_injectors.cross_attention.layers import family
 
 #: The pipeline components a LoRA file may address, by key prefix.
@@ -32,7 +32,9 @@ _SHOWN = 8
 
 def loadable_components(pipeline: Any) -> list[str]:
     """The components of ``pipeline`` that diffusers loads LoRA weights into (and that it has)."""
-    names = getattr(pipeline, "_lora_loadable_modules", COMPONENTS)
+    names = compat.lora_loadable_modules(pipeline)
+    if names is None:  # not a diffusers LoRA-loading pipeline
+        names = list(COMPONENTS)
     return [name for name in names if getattr(pipeline, name, None) is not None]
 
 

@@ -18,7 +18,7 @@ them back is exact, where unfusing by subtraction is not in floating point.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,16 +26,16 @@ from typing import Any
 import torch
 from diffusers.utils import recurse_remove_peft_layers
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import _get_submodules
 from torch import nn
 
+from refcond import compat
 from refcond_injectors.lora.checks import loadable_components
 
-#: Attributes diffusers, transformers and PEFT set on a model while loading or fusing LoRA.
-MODEL_ATTRIBUTES = ("peft_config", "_hf_peft_config_loaded", "_weight_conversions", "lora_scale", "_safe_fusing")
+#: Attributes diffusers, transformers and PEFT set on a model while loading or fusing LoRA (the
+#: private ones are listed in refcond.compat).
+MODEL_ATTRIBUTES = ("peft_config", "lora_scale", *compat.PEFT_MODEL_ATTRIBUTES)
 #: Attributes diffusers sets on the pipeline while fusing.
-PIPELINE_ATTRIBUTES = ("_merged_adapters",)
-_ABSENT = object()
+PIPELINE_ATTRIBUTES = compat.LORA_PIPELINE_ATTRIBUTES
 
 
 @dataclass
@@ -70,18 +70,6 @@ def peft_layers(model: nn.Module) -> Iterator[tuple[str, BaseTunerLayer]]:
             yield path, module
 
 
-def _instance_attributes(obj: Any, names: Iterable[str]) -> dict[str, Any]:
-    return {name: obj.__dict__.get(name, _ABSENT) for name in names}
-
-
-def _restore_attributes(obj: Any, saved: dict[str, Any]) -> None:
-    for name, value in saved.items():
-        if value is _ABSENT:
-            obj.__dict__.pop(name, None)
-        else:
-            obj.__dict__[name] = value
-
-
 @dataclass
 class PeftSnapshot:
     """The PEFT state of a pipeline's LoRA-loadable components at one moment."""
@@ -102,9 +90,9 @@ class PeftSnapshot:
                 adapters_of(model),
                 layers,
                 {path: p.requires_grad for path, p in model.named_parameters()},
-                _instance_attributes(model, MODEL_ATTRIBUTES),
+                compat.instance_attributes(model, MODEL_ATTRIBUTES),
             )
-        return cls(components, _instance_attributes(pipeline, PIPELINE_ATTRIBUTES))
+        return cls(components, compat.instance_attributes(pipeline, PIPELINE_ATTRIBUTES))
 
     @property
     def adapters(self) -> set[str]:
@@ -146,14 +134,14 @@ class PeftSnapshot:
             else:
                 for path, layer in list(peft_layers(model)):
                     if path not in state.layers and not layer.lora_A:
-                        parent, _, child = _get_submodules(model, path)
-                        setattr(parent, child, layer.get_base_layer())
+                        parent, _, child = path.rpartition(".")
+                        setattr(model.get_submodule(parent), child, layer.get_base_layer())
             if sorted(adapters_of(model)) == sorted(state.adapters):
-                _restore_attributes(model, state.attributes)
+                compat.restore_instance_attributes(model, state.attributes)
             _restore_requires_grad(model, state.requires_grad)
 
     def restore_pipeline_attributes(self, pipeline: Any) -> None:
-        _restore_attributes(pipeline, self.pipeline_attributes)
+        compat.restore_instance_attributes(pipeline, self.pipeline_attributes)
 
 
 def _restore_requires_grad(model: nn.Module, saved: dict[str, bool]) -> None:

@@ -41,6 +41,7 @@ from refcond import (
     IncompatibleBackboneError,
     RefcondError,
     ReferenceImageError,
+    compat,
     load_references,
 )
 from refcond.errors import did_you_mean
@@ -532,24 +533,18 @@ def _class_images(pipeline: Any, config: TuningConfig, resolution: int) -> list[
     """
     generator = torch.Generator().manual_seed(_derive_seed(config.seed, "class-images"))
     scheduler = pipeline.scheduler
-    had_bar = "_progress_bar_config" in pipeline.__dict__
-    bar = dict(pipeline.__dict__.get("_progress_bar_config", {}))
     images: list[PIL.Image.Image] = []
     try:
         pipeline.scheduler = type(scheduler).from_config(scheduler.config)
-        pipeline.set_progress_bar_config(disable=True)
-        while len(images) < config.num_class_images:
-            count = min(_VAE_CHUNK, config.num_class_images - len(images))
-            out = pipeline(
-                config.class_prompt, num_images_per_prompt=count, height=resolution, width=resolution, generator=generator, output_type="pil"
-            )
-            images.extend(out.images)
+        with compat.progress_bar_disabled(pipeline):
+            while len(images) < config.num_class_images:
+                count = min(_VAE_CHUNK, config.num_class_images - len(images))
+                out = pipeline(
+                    config.class_prompt, num_images_per_prompt=count, height=resolution, width=resolution, generator=generator, output_type="pil"
+                )
+                images.extend(out.images)
     finally:
         pipeline.scheduler = scheduler
-        if had_bar:
-            pipeline._progress_bar_config = bar
-        else:
-            pipeline.__dict__.pop("_progress_bar_config", None)
     return images
 
 
@@ -663,23 +658,15 @@ def _accelerator(mixed_precision: str, device: torch.device) -> Iterator[Any]:
 
     accelerate keeps one state per process and refuses a second Accelerator with another
     mixed-precision setting; a library function must neither trip over the caller's state nor
-    leave its own behind, so the shared state is set aside during tuning and put back after.
+    leave its own behind, so the shared state is set aside during tuning and put back after
+    (:func:`refcond.compat.separate_accelerate_state`).
     """
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    states = (PartialState, AcceleratorState, GradientState)
-    saved = [dict(state._shared_state) for state in states]
-    if saved[0].get("num_processes", 1) > 1:
-        raise ConfigError("tune_lora tunes in one process; call it outside a multi-process (accelerate launch / torchrun) run.")
-    for state in states:
-        state._shared_state.clear()  # in place: _shared_state is a descriptor-managed dict
-    try:
+    with compat.separate_accelerate_state() as caller_processes:
+        if caller_processes > 1:
+            raise ConfigError("tune_lora tunes in one process; call it outside a multi-process (accelerate launch / torchrun) run.")
         yield Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
-    finally:
-        for state, values in zip(states, saved):
-            state._shared_state.clear()
-            state._shared_state.update(values)
 
 
 def _free_adapter_name(unet: Any, name: str) -> str:
@@ -837,20 +824,20 @@ class _UNetSnapshot:
     modules it wrapped, and puts back active adapters, flags and attributes as they were.
     """
 
-    _TUNER_ATTRS = ("_active_adapter", "_disable_adapters")
-    _UNET_ATTRS = ("_hf_peft_config_loaded", "peft_config")
+    #: The UNet's attributes PEFT adds or changes (the private ones are listed in refcond.compat).
+    _UNET_ATTRS = ("peft_config", *compat.PEFT_MODEL_ATTRIBUTES)
 
     def __init__(self, unet: Any):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         self.unet = unet
         self.requires_grad = [(p, p.requires_grad) for p in unet.parameters()]
-        self.tuner_layers = {
-            name: {a: module.__dict__[a] for a in self._TUNER_ATTRS if a in module.__dict__}
+        self.tuner_layers = {  # active adapter(s) and the disabled flag of every PEFT layer
+            name: (_copied(module.active_adapter), bool(module.disable_adapters))
             for name, module in unet.named_modules()
             if isinstance(module, BaseTunerLayer)
         }
-        self.attrs = {a: unet.__dict__[a] for a in self._UNET_ATTRS if a in unet.__dict__}
+        self.attrs = compat.instance_attributes(unet, self._UNET_ATTRS)
         self.adapters = list(getattr(unet, "peft_config", {}) or {})
         self.training = unet.training
 
@@ -869,15 +856,19 @@ class _UNetSnapshot:
                 parent, _, child = name.rpartition(".")
                 setattr(unet.get_submodule(parent) if parent else unet, child, module.get_base_layer())
                 continue
-            for attr in self._TUNER_ATTRS:
-                module.__dict__.pop(attr, None)
-            module.__dict__.update(self.tuner_layers[name])
+            active, disabled = self.tuner_layers[name]
+            module.set_adapter(_copied(active))  # changes requires_grad, put back below
+            if bool(module.disable_adapters) != disabled:
+                module.enable_adapters(not disabled)
         config = getattr(unet, "peft_config", None)
         if isinstance(config, dict) and adapter_name is not None and adapter_name not in self.adapters:
             config.pop(adapter_name, None)
-        for attr in self._UNET_ATTRS:
-            unet.__dict__.pop(attr, None)
-        unet.__dict__.update(self.attrs)
+        compat.restore_instance_attributes(unet, self.attrs)
         for param, flag in self.requires_grad:
             param.requires_grad_(flag)
         unet.train(self.training)
+
+
+def _copied(active: str | list[str]) -> str | list[str]:
+    """A PEFT layer's ``active_adapter`` (a name or a list of names), copied."""
+    return active if isinstance(active, str) else list(active)
