@@ -413,6 +413,9 @@ def _forward(unet: Any, inputs: dict[str, Any]) -> torch.Tensor:
 
 
 def _snapshot(unet: torch.nn.Module) -> dict[str, Any]:
+    from refcond.compat import forward_hook_ids  # torch lists no module's hooks publicly
+
+    hooks = {name: forward_hook_ids(module) for name, module in unet.named_modules()}
     return {
         "processors": dict(getattr(unet, "attn_processors", {})),
         "state": {k: v.detach().clone() for k, v in unet.state_dict().items()},
@@ -443,6 +446,3 @@ def _compare_snapshots(before: dict[str, Any], after: dict[str, Any]) -> list[st
     if changed_config:
         problems.append(f"unet.config changed: {changed_config}")
     return problems
-    from refcond.compat import forward_hook_ids  # torch lists no module's hooks publicly
-
-    hooks = {name: forward_hook_ids(module) for name, module in unet.named_modules()}
