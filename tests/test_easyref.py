@@ -75,7 +75,7 @@ def _ours_and_official(folder: Path, scale: float, *, lora_on_reference: bool = 
     plain = copy.deepcopy(pipe.unet)
     sd = fabricate_official_checkpoint(pipe.unet)
     rp = _easyref(pipe, folder, checkpoint=sd)
-    condition, _ = rp.encode([reference_images(2)])
+    condition, _ = rp.encode([reference_images(2)], prompts=["a photo"])
     inputs = _sdxl_unet_inputs(pipe.unet)
     cross, lora = rp.attachments
     with torch.no_grad(), cross.condition(condition, None, scale), lora.condition(condition, None, scale):
@@ -144,7 +144,7 @@ def _generate_plain(pipe: Any) -> torch.Tensor:
 @pytest.mark.parametrize("count", [1, 2, 5])
 def test_condition_has_k_tokens_for_any_number_of_references(tiny_qwen2vl_dir: Path, count: int) -> None:
     rp = _easyref(tiny_sdxl_pipeline(), tiny_qwen2vl_dir)
-    condition, unconditional = rp.encode([reference_images(count)])
+    condition, unconditional = rp.encode([reference_images(count)], prompts=["a photo"])
     assert condition.tokens.shape == (1, TINY_NUM_TOKENS, 64)
     assert unconditional.tokens.shape == (1, TINY_NUM_TOKENS, 64)
 
@@ -157,7 +157,7 @@ def test_qwen2vl_is_read_from_disk_once(tiny_qwen2vl_dir: Path) -> None:
 
 
 def test_a_second_prompt_over_the_same_references_skips_the_mllm(tiny_qwen2vl_dir: Path) -> None:
-    rp = _easyref(tiny_sdxl_pipeline(), tiny_qwen2vl_dir)
+    rp = _easyref(tiny_sdxl_pipeline(), tiny_qwen2vl_dir, append_prompt=False)  # the MLLM reads the instruction alone
     references = reference_images(2)
     with mock.patch.object(rp.encoder, "trunk", wraps=rp.encoder.trunk) as trunk:
         _generate(rp, references, "a cat")
@@ -241,7 +241,7 @@ def test_file_sizes_configure_the_composition(tmp_path: Path, tiny_qwen2vl_dir: 
     rp = refcond.from_pipe(pipe, "easyref", checkpoint=path, encoder=tiny_easyref_overrides(tiny_qwen2vl_dir)["encoder"])
     assert rp.composition.aggregator.config["num_tokens"] == 5
     assert rp.composition.injectors[1].config["layers"]["rank"] == 3
-    condition, _ = rp.encode([reference_images(2)])
+    condition, _ = rp.encode([reference_images(2)], prompts=["a photo"])
     assert condition.tokens.shape[1] == 5
 
 
