@@ -17,7 +17,7 @@ class RefcondError(Exception):
 class UnknownComponentError(RefcondError, KeyError):
     """A component, composition or checkpoint format name that no plugin registered."""
 
-    def __init__(self, kind: str, name: str, available: Iterable[str]):
+    def __init__(self, kind: str, name: str, available: Iterable[str], hint: str = ""):
         self.kind = kind
         self.name = name
         self.available = sorted(available)
@@ -27,6 +27,8 @@ class UnknownComponentError(RefcondError, KeyError):
             message += f" Did you mean {close[0]!r}?"
         listed = ", ".join(repr(n) for n in self.available) or "none"
         message += f" Available {kind}s: {listed}. Run `refcond plugins` to see which plugin provides each."
+        if hint:
+            message += f" {hint}"
         super().__init__(message)
 
     def __str__(self) -> str:  # KeyError would otherwise print the repr of the message

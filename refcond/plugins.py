@@ -2,8 +2,9 @@
 
 Built-in components are ordinary plugins registered through the same entry-point group that a
 third-party distribution uses. ``REFCOND_LOAD_PLUGINS`` (comma-separated entry-point or
-distribution names; empty = none) restricts which ones load, and ``REFCOND_TRACE_PLUGINS=1`` prints
-every hook call to stderr.
+distribution names; empty = none) selects which other plugins load — the core's own (the ``sd15``
+and ``sdxl`` backbones, the generic aggregators, refcond's checkpoint format) always do — and
+``REFCOND_TRACE_PLUGINS=1`` prints every hook call to stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from refcond.errors import DuplicateComponentError, PluginError
 from refcond.registry import HOOK_KINDS, Entry, Provenance, Registry
 
 ENTRY_POINT_GROUP = "refcond"
+#: The distribution whose entry points always load: the core's own built-ins.
+CORE_DISTRIBUTION = "refcond"
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Plugins:
     manager: pluggy.PluginManager
     provenance: dict[str, Provenance] = field(default_factory=dict)
     failures: list[PluginFailure] = field(default_factory=list)
+    #: Installed plugins left out by ``REFCOND_LOAD_PLUGINS`` (or ``allow``), and the setting that did it.
+    skipped: list[str] = field(default_factory=list)
+    allow: str | None = None
     _registry: Registry | None = None
 
     def register(self, plugin: Any, name: str | None = None, distribution: str | None = None, version: str | None = None) -> str:
@@ -130,6 +136,11 @@ class Plugins:
 
     def _build_registry(self) -> Registry:
         registry = Registry()
+        if self.skipped:
+            registry.unknown_hint = (
+                f"REFCOND_LOAD_PLUGINS={self.allow!r} left out the installed plugin(s) {', '.join(sorted(self.skipped))}: "
+                "add the one you need to it, or unset it to load every plugin."
+            )
         failed: set[str] = set()
         every_plugin = self.manager.get_plugins()
         for hook_name, kind in HOOK_KINDS.items():
@@ -218,17 +229,20 @@ def from_modules(*plugins: Any) -> Plugins:
 def load_plugins(allow: str | None = None) -> Plugins:
     """Load every plugin of the ``refcond`` entry-point group.
 
-    :param allow: comma-separated entry-point or distribution names to load; default
-        ``$REFCOND_LOAD_PLUGINS``; unset loads all, an empty string loads none.
+    :param allow: comma-separated entry-point or distribution names of the plugins to load besides
+        the core's own, which always load; default ``$REFCOND_LOAD_PLUGINS``; unset loads all, an
+        empty string loads only the core's.
     """
     if allow is None:
         allow = os.environ.get("REFCOND_LOAD_PLUGINS")
     allowed = None if allow is None else {_normalize(n.strip()) for n in allow.split(",") if n.strip()}
-    loaded = Plugins(new_plugin_manager())
+    loaded = Plugins(new_plugin_manager(), allow=allow)
     for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist else None
         version = ep.dist.version if ep.dist else None
-        if allowed is not None and _normalize(ep.name) not in allowed and _normalize(dist or "") not in allowed:
+        core = _normalize(dist or "") == CORE_DISTRIBUTION
+        if allowed is not None and not core and _normalize(ep.name) not in allowed and _normalize(dist or "") not in allowed:
+            loaded.skipped.append(ep.name)
             continue
         taken = loaded.provenance.get(ep.name)
         if taken is not None:

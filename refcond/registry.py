@@ -77,6 +77,8 @@ class Registry:
     """All registered entries, keyed by kind and name."""
 
     _entries: dict[Kind, dict[str, Entry]] = field(default_factory=lambda: {k: {} for k in HOOK_KINDS.values()})
+    #: Appended to unknown-name errors: why a name may be missing (plugins that were not loaded).
+    unknown_hint: str = ""
 
     def add(self, entry: Entry) -> None:
         """Add an entry; a name already taken for that kind is an error naming both plugins."""
@@ -90,7 +92,7 @@ class Registry:
         try:
             return self._entries[kind][name]
         except KeyError:
-            raise UnknownComponentError(kind.replace("_", " "), name, self._entries[kind]) from None
+            raise UnknownComponentError(kind.replace("_", " "), name, self._entries[kind], self.unknown_hint) from None
 
     def names(self, kind: Kind) -> list[str]:
         """Sorted names registered for ``kind``."""
@@ -149,8 +151,8 @@ def _check_object(kind: Kind, name: str, obj: Any, provenance: Provenance) -> No
 
 
 def _first_doc_line(obj: Any) -> str:
-    """The summary line of a factory function or class, used when no description is given."""
-    if not (inspect.isfunction(obj) or inspect.isclass(obj)):
+    """The summary line of a factory function, class or method (a classmethod factory), used when no description is given."""
+    if not (inspect.isfunction(obj) or inspect.isclass(obj) or inspect.ismethod(obj)):
         return ""
     doc = inspect.getdoc(obj) or ""
     return doc.splitlines()[0] if doc else ""

@@ -275,18 +275,21 @@ def test_two_plugins_registering_one_name_is_an_error_naming_both():
 # -- REFCOND_LOAD_PLUGINS ----------------------------------------------------------------------
 
 
-def test_load_plugins_allow_list_by_entry_point_name(monkeypatch):
-    monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "refcond-aggregators, refcond-checkpoint")
+CORE = ["refcond-aggregators", "refcond-backbones", "refcond-checkpoint"]  # the core distribution's entry points
+
+
+def test_the_core_built_ins_always_load(monkeypatch):
+    monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "refcond-encoders")
     plugins = load_plugins()
-    assert [info.name for info in plugins.plugins()] == ["refcond-aggregators", "refcond-checkpoint"]
-    assert plugins.registry.names("backbone") == []
+    assert [info.name for info in plugins.plugins()] == sorted(CORE + ["refcond-encoders"])
+    assert plugins.registry.names("backbone") == ["sd15", "sdxl"]
 
 
 def test_load_plugins_allow_list_by_distribution_name(monkeypatch):
-    monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "refcond")  # the core distribution ships three entry points
-    assert [info.name for info in load_plugins().plugins()] == ["refcond-aggregators", "refcond-backbones", "refcond-checkpoint"]
+    monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "refcond")  # the core distribution alone
+    assert [info.name for info in load_plugins().plugins()] == CORE
     monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "Refcond_Encoders")  # compared as pip compares names
-    assert [info.name for info in load_plugins().plugins()] == ["refcond-encoders"]
+    assert [info.name for info in load_plugins().plugins()] == sorted(CORE + ["refcond-encoders"])
 
 
 def test_load_plugins_allow_list_for_a_third_party_plugin(install):
@@ -294,21 +297,32 @@ def test_load_plugins_allow_list_for_a_third_party_plugin(install):
     install("refcond-fake", "refcond_fake_not_allowed", RAISES_ON_IMPORT)
     for allow in ("fancy", "refcond-fancy"):
         plugins = load_plugins(allow=allow)
-        assert [info.name for info in plugins.plugins()] == ["fancy"]
+        assert [info.name for info in plugins.plugins()] == sorted(CORE + ["fancy"])
         assert plugins.failures == []  # the broken plugin was not even imported
 
 
-def test_an_empty_allow_list_loads_no_plugin(monkeypatch, install):
+def test_an_empty_allow_list_loads_only_the_core(monkeypatch, install):
     install("refcond-fake", "refcond_fake_empty_list", RAISES_ON_IMPORT)
     monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "")
     plugins = load_plugins()
-    assert plugins.plugins() == [] and plugins.failures == []
-    assert list(plugins.registry.entries()) == []
+    assert [info.name for info in plugins.plugins()] == CORE and plugins.failures == []
+    assert {entry.kind for entry in plugins.registry.entries()} == {"backbone", "aggregator", "checkpoint_format"}
+
+
+def test_an_unknown_name_says_which_plugins_the_variable_left_out(monkeypatch):
+    monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "refcond-encoders")
+    plugins = load_plugins()
+    with pytest.raises(refcond.UnknownComponentError, match=r"REFCOND_LOAD_PLUGINS='refcond-encoders' left out the installed plugin\(s\) .*refcond-injectors"):
+        plugins.registry.get("injector", "cross-attention")
+    monkeypatch.delenv("REFCOND_LOAD_PLUGINS")
+    with pytest.raises(refcond.UnknownComponentError) as excinfo:
+        load_plugins().registry.get("injector", "no-such-injector")
+    assert "REFCOND_LOAD_PLUGINS" not in str(excinfo.value)  # nothing was left out: no hint
 
 
 def test_the_allow_argument_wins_over_the_environment(monkeypatch):
     monkeypatch.setenv("REFCOND_LOAD_PLUGINS", "")
-    assert [info.name for info in load_plugins(allow="refcond-backbones").plugins()] == ["refcond-backbones"]
+    assert [info.name for info in load_plugins(allow="refcond-encoders").plugins()] == sorted(CORE + ["refcond-encoders"])
 
 
 # -- inline plugins (tests, notebooks) ----------------------------------------------------------

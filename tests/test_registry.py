@@ -43,6 +43,20 @@ def test_description_defaults_to_the_first_docstring_line():
     assert registry.get("aggregator", "weighted-mean").description == "Weighted average."
 
 
+class ClassmethodFactory:
+    """Not the factory's summary."""
+
+    @classmethod
+    def from_config(cls, config, context):
+        """Build from a config (the summary a classmethod factory registers with)."""
+
+
+def test_a_classmethod_factory_describes_itself_with_its_docstring():
+    registry = Registry()
+    registry.register_callback("aggregator", FIRST, [])("factory", ClassmethodFactory.from_config)
+    assert registry.get("aggregator", "factory").description == "Build from a config (the summary a classmethod factory registers with)."
+
+
 def test_names_entries_and_by_plugin_are_sorted():
     registry = filled()
     assert registry.names("aggregator") == ["concat", "mean", "weighted-mean"]
