@@ -5,9 +5,10 @@
 >>> image = rp("a dog", references=["a.png", "b.png"]).images[0]  # doctest: +SKIP
 """
 
-from refcond.aggregators import split_references
+from refcond.aggregators import require_per_reference_tokens, split_references
 from refcond.building import check_state_dict
 from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata, write_safetensors
+from refcond.checkpoints.native import describe_checkpoint
 from refcond.config import ComponentConfig, ComponentSpec, Composition, EmptyConfig
 from refcond.contracts import (
     MIXED_SOURCE,
@@ -42,6 +43,7 @@ from refcond.pipeline import RefcondPipeline, from_pipe, load
 from refcond.plugins import Plugins, from_modules, get_plugins, load_plugins
 from refcond.registry import Register
 from refcond.unet import CrossAttentionLayer, cross_attention_layers, layer_scales
+from refcond.weights import content_hash, weights_fingerprint
 
 __version__ = "0.1.0"
 
@@ -78,7 +80,9 @@ __all__ = [
     "Register",
     "UnknownComponentError",
     "check_state_dict",
+    "content_hash",
     "cross_attention_layers",
+    "describe_checkpoint",
     "did_you_mean",
     "from_modules",
     "from_pipe",
@@ -90,6 +94,8 @@ __all__ = [
     "load_references",
     "read_checkpoint",
     "read_metadata",
+    "require_per_reference_tokens",
     "split_references",
+    "weights_fingerprint",
     "write_safetensors",
 ]

@@ -148,13 +148,29 @@ class ConcatAggregator(torch.nn.Module):
         return Condition.concat_batches(parts)
 
 
+def require_per_reference_tokens(context: BuildContext, who: str) -> None:
+    """Refuse, when the composition is built, an encoder whose tokens mix references (``mixes_references``).
+
+    For components that combine references token by token, which such an encoding cannot feed.
+    """
+    encoder = context.encoder
+    if encoder is not None and getattr(encoder, "mixes_references", False):
+        raise ConfigError(
+            f"{who} needs tokens that each come from one reference, but encoder {type(encoder).__name__} mixes the references "
+            "in every token (it reads them all in one sequence). Use aggregator 'concat', or one made for such encoders "
+            "(e.g. EasyRef's 'reference-tokens')."
+        )
+
+
 def _mean(config: EmptyConfig, context: BuildContext) -> MeanAggregator:
     """Equal-weight average of the references (IP-Adapter-style averaging)."""
+    require_per_reference_tokens(context, "aggregator 'mean'")
     return MeanAggregator()
 
 
 def _weighted_mean(config: MeanConfig, context: BuildContext) -> MeanAggregator:
     """Weighted average of the references; weights per call or in the config."""
+    require_per_reference_tokens(context, "aggregator 'weighted-mean'")
     return MeanAggregator(weighted=True, default_weights=config.weights)
 
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+import hashlib
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel
 
-from refcond.checkpoints import import_checkpoint
+from refcond.checkpoints import import_checkpoint, open_checkpoint
+from refcond.checkpoints.native import stored_composition
 from refcond.config import Composition, validate_config
 from refcond.contracts import (
     Aggregator,
@@ -21,18 +25,28 @@ from refcond.contracts import (
 )
 from refcond.errors import CheckpointError, ConfigError, IncompatibleBackboneError
 from refcond.plugins import Plugins
-from refcond.registry import Registry
+from refcond.registry import Entry, Registry
+from refcond.weights import borrowed_weights, under
 
 
 @dataclass
 class Built:
-    """The components of a composition, built and loaded, in role order."""
+    """The components of a composition, built and loaded, in role order.
+
+    :ivar composition: the composition as built: every role's configuration resolved, defaults included.
+    :ivar entries: the registry entry each role was built from (who registered it), by checkpoint role
+        (``backbone``, ``encoder``, ``aggregator``, ``injector.<i>``).
+    :ivar carried: per role, the prefixes of borrowed weights a checkpoint carried (fine-tuned copies,
+        which count as the component's own from then on).
+    """
 
     composition: Composition
     backbone: Backbone
     encoder: Encoder | None
     aggregator: Aggregator | None
     injectors: list[Injector]
+    entries: dict[str, Entry] = field(default_factory=dict)
+    carried: dict[str, set[str]] = field(default_factory=dict)
 
 
 def resolve_composition(composition: str | Path | Mapping[str, Any] | Composition, registry: Registry) -> Composition:
@@ -69,29 +83,41 @@ def build(
     checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
     allow_pickle: bool = False,
     overrides: Mapping[str, Any] | None = None,
+    seed: int | None = None,
 ) -> Built:
     """Build every component of a composition and load the checkpoint's weights into them.
 
     Precedence of settings: the recipe, then what the checkpoint implies, then ``overrides``.
-    Every config is validated before any weight is read into a component.
+    Every config is validated before any weight is read into a component. With ``composition``
+    ``None`` the checkpoint names it: a refcond checkpoint stores its composition, a foreign file
+    the recipe it is made for (:attr:`ImportedCheckpoint.recipe`). ``seed`` fixes the fresh
+    weights: each role draws from its own generator seeded from ``seed`` and the role, so the same
+    seed gives the same weights in any process, and changing one role leaves the others' alone.
     """
     registry = plugins.registry
     if composition is None and checkpoint is None:
         raise ConfigError("nothing to build: name a composition (e.g. 'ip-adapter') or pass a refcond checkpoint.")
-    imported: ImportedCheckpoint | None = None
-    if composition is None:  # a refcond checkpoint carries its own composition, backbone included
-        imported = import_checkpoint(checkpoint, registry, None, allow_pickle=allow_pickle)  # type: ignore[arg-type]
-        comp = Composition.parse(imported.composition, where=f"composition stored in {checkpoint}")
-    else:
+    file = open_checkpoint(checkpoint, allow_pickle=allow_pickle) if checkpoint is not None else None
+    comp: Composition | None
+    if composition is not None:
         comp = resolve_composition(composition, registry)
+    else:
+        assert file is not None
+        stored = stored_composition(file.metadata)
+        comp = None if stored is None else Composition.parse(stored, where=f"composition stored in {file.where}")
+        if comp is None and pipeline is None:
+            raise ConfigError(
+                f"{file.where} is not a refcond checkpoint, so it does not say how to rebuild itself without a pipeline: "
+                "pass the pipeline (refcond.load(path, pipe)), or name the composition (refcond.from_pipe(pipe, 'ip-adapter', checkpoint=path))."
+            )
 
     backbone_spec = _backbone_spec(comp, overrides, pipeline, registry)
-    pending_import = checkpoint is not None and imported is None
-    if pending_import:
+    typed: dict[str, BaseModel] = {}
+    if comp is not None and file is not None:
         # The file's settings are not known yet; names can still be checked before anything loads.
         for _, kind, spec in comp.with_overrides(overrides or {}).specs():
             registry.get(kind, spec.name)
-    else:
+    elif comp is not None:
         # Every name and config is checked before the backbone (which may load weights) is built.
         comp = _finalise(comp, overrides, backbone_spec)
         typed = comp.validate_components(registry)
@@ -101,25 +127,60 @@ def build(
     backbone_config = validate_config(backbone_entry.config, backbone_spec.get("config", {}), where=f"backbone {backbone_entry.name!r}")
     backbone: Backbone = backbone_entry.obj(backbone_config, BuildContext(extras={"pipeline": pipeline}))
 
-    if pending_import:
-        imported = import_checkpoint(checkpoint, registry, backbone, allow_pickle=allow_pickle)  # type: ignore[arg-type]
+    imported: ImportedCheckpoint | None = None
+    if file is not None:
+        imported = import_checkpoint(file, registry, backbone)
+        if comp is None:
+            if imported.recipe is None:
+                raise ConfigError(
+                    f"{file.where} is in the {imported.source!r} format, which does not say which composition it is for: "
+                    "name it, e.g. refcond.from_pipe(pipe, 'ip-adapter', checkpoint=path)."
+                )
+            comp = resolve_composition(imported.recipe, registry)
         comp = _finalise(comp.with_overrides(imported.composition), overrides, backbone_spec)
         typed = comp.validate_components(registry)
+    assert comp is not None
 
     context = BuildContext(backbone=backbone)
+    entries: dict[str, Entry] = {"backbone": backbone_entry}
     if comp.encoder is not None and comp.aggregator is not None:
-        context.encoder = registry.get("encoder", comp.encoder.name).obj(typed["encoder"], context)
-        context.aggregator = registry.get("aggregator", comp.aggregator.name).obj(typed["aggregator"], context)
-    injectors = [
-        registry.get("injector", spec.name).obj(typed[f"injectors[{i}]"], context) for i, spec in enumerate(comp.injectors)
-    ]
-    built = Built(comp, backbone, context.encoder, context.aggregator, injectors)
+        entries["encoder"] = registry.get("encoder", comp.encoder.name)
+        entries["aggregator"] = registry.get("aggregator", comp.aggregator.name)
+        with seeded(seed, "encoder"):
+            context.encoder = entries["encoder"].obj(typed["encoder"], context)
+        with seeded(seed, "aggregator"):
+            context.aggregator = entries["aggregator"].obj(typed["aggregator"], context)
+    injectors = []
+    for i, spec in enumerate(comp.injectors):
+        entries[f"injector.{i}"] = registry.get("injector", spec.name)
+        with seeded(seed, f"injector.{i}"):
+            injectors.append(entries[f"injector.{i}"].obj(typed[f"injectors[{i}]"], context))
+    built = Built(comp.resolved(typed), backbone, context.encoder, context.aggregator, injectors, entries)
     if imported is not None:
         load_weights(built, imported)
-    for component in roles(built).values():
+    for role, component in roles(built).items():
+        for part in borrowed_weights(component, role):
+            if part.prefix is not None:
+                part.module.requires_grad_(False)  # pretrained weights: a training stage unfreezes what it trains
         if isinstance(component, torch.nn.Module):
             component.eval()  # built for inference, as diffusers' and transformers' from_pretrained; training calls .train()
     return built
+
+
+@contextmanager
+def seeded(seed: int | None, role: str) -> Iterator[None]:
+    """Draw fresh weights for ``role`` from torch's global generator seeded from ``(seed, role)``, restoring it after.
+
+    ``None`` leaves the global generator as it is (fresh weights then vary from run to run).
+    """
+    if seed is None:
+        yield
+        return
+    digest = hashlib.sha256(f"refcond:{seed}:{role}".encode()).digest()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(int.from_bytes(digest[:8], "little") % 2**63)
+        yield
 
 
 def _finalise(comp: Composition, overrides: Mapping[str, Any] | None, backbone_spec: dict[str, Any]) -> Composition:
@@ -129,9 +190,9 @@ def _finalise(comp: Composition, overrides: Mapping[str, Any] | None, backbone_s
     return comp.model_copy(update={"backbone": None}).with_overrides({"backbone": backbone_spec})
 
 
-def _backbone_spec(comp: Composition, overrides: Mapping[str, Any] | None, pipeline: Any, registry: Registry) -> dict[str, Any]:
+def _backbone_spec(comp: Composition | None, overrides: Mapping[str, Any] | None, pipeline: Any, registry: Registry) -> dict[str, Any]:
     spec: dict[str, Any] = {}
-    if comp.backbone is not None:
+    if comp is not None and comp.backbone is not None:
         spec = comp.backbone.model_dump()
     override = (overrides or {}).get("backbone")
     if isinstance(override, str):
@@ -153,7 +214,11 @@ def roles(built: Built) -> dict[str, Any]:
 
 
 def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
-    """Load role-namespaced weights, strictly: every key known, every shape right, nothing missing."""
+    """Load role-namespaced weights, strictly: every key known, every shape right, nothing missing.
+
+    A component's borrowed weights (:class:`refcond.BorrowedWeights`) may be absent as a whole: they
+    keep what they were built with. When present they are loaded, and recorded in ``built.carried``.
+    """
     by_role: dict[str, dict[str, torch.Tensor]] = {}
     role_map = roles(built)
     for key, tensor in imported.state_dict.items():
@@ -166,14 +231,20 @@ def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
         given = by_role.get(role, {})
         if not expected:
             if given:
-                raise CheckpointError(f"{role} has no weights, but the checkpoint has {len(given)} keys for it, e.g. {role}.{next(iter(given))!r}.")
+                raise CheckpointError(f"{role} has no weights, but the checkpoint has {len(given)} keys for it, e.g. '{role}.{next(iter(given))}'.")
             continue
         if not given and role in imported.optional_roles:
             continue  # the file leaves this role's weights as built
+        parts = [part.prefix for part in borrowed_weights(component, role) if part.prefix is not None]
+        absent = [prefix for prefix in parts if not any(under(key, prefix) for key in given)]
+        needed = {key: value for key, value in expected.items() if not any(under(key, prefix) for prefix in absent)}
+        if not needed and not given:
+            continue  # only borrowed weights, none carried: they stay as built
         if not given:
-            raise CheckpointError(f"the checkpoint has no weights for {role} ({type(component).__name__}); expected keys such as {role}.{next(iter(expected))}.")
-        check_state_dict(expected, given, prefix=f"{role}.")
-        component.load_state_dict(given, strict=True)
+            raise CheckpointError(f"the checkpoint has no weights for {role} ({type(component).__name__}); expected keys such as {role}.{next(iter(needed))}.")
+        check_state_dict(needed, given, prefix=f"{role}.")
+        component.load_state_dict(given, strict=not absent)
+        built.carried[role] = {prefix for prefix in parts if prefix not in absent}
 
 
 def has_weights(component: Any) -> bool:

@@ -158,6 +158,23 @@ class Composition(BaseModel):
                 data[role] = None if override is None else _merge_spec(data[role], override)  # None removes the role
         return Composition.parse(data)
 
+    def resolved(self, configs: Mapping[str, BaseModel]) -> Composition:
+        """A copy whose configs are the validated ones (defaults included), keyed by :meth:`specs` role labels.
+
+        Roles missing from ``configs`` keep their config as written.
+        """
+        data = self.model_dump()
+        for role, _, _ in self.specs():
+            config = configs.get(role)
+            if config is None:
+                continue
+            dumped = config.model_dump(mode="json")
+            if role.startswith("injectors["):
+                data["injectors"][int(role[len("injectors[") : -1])]["config"] = dumped
+            else:
+                data[role]["config"] = dumped
+        return Composition.parse(data)
+
 
 def _injector_index(key: int | str, injectors: list[dict[str, Any]]) -> int:
     """An injector addressed by position (``0``, ``"0"``) or by component name (``"cross-attention"``)."""
@@ -181,7 +198,19 @@ def _merge_spec(current: dict[str, Any] | None, override: Any) -> dict[str, Any]
     if current is None or override.get("name", current["name"]) != current["name"]:
         return {"name": override.get("name"), "config": dict(override.get("config", {}))}
     merged = copy.deepcopy(current)
-    merged["config"].update(override.get("config", {}))
+    merged["config"] = merge_nested(merged.get("config", {}), override.get("config", {}))
+    return merged
+
+
+def merge_nested(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, level by level: a dict merges into a dict, anything else replaces."""
+    merged = dict(base)
+    for key, value in override.items():
+        current = merged.get(key)
+        if isinstance(value, Mapping) and isinstance(current, Mapping):
+            merged[key] = merge_nested(current, value)
+        else:
+            merged[key] = copy.deepcopy(value)
     return merged
 
 

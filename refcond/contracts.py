@@ -212,10 +212,16 @@ class Encoder(Protocol):
     and caches the condition by references and prompt. Other encoders set it ``False`` and are
     called without ``prompts`` (an encoder written before ``reads_prompt`` existed is read as
     ``False``).
+
+    ``mixes_references`` says whether its tokens mix references (source -1 everywhere, as an MLLM
+    that reads all references in one sequence produces); components that need per-reference
+    tokens (the ``mean`` aggregator, the resampler projector) refuse such an encoder when the
+    composition is built. Read as ``False`` when absent.
     """
 
     embedding_dim: int
     reads_prompt: bool
+    mixes_references: bool
 
     def encode(self, references: Sequence[Sequence[Image]], prompts: Sequence[str] | None = None) -> ReferenceEncoding:
         """Encode a batch of reference groups (each a non-empty list of RGB PIL images).

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import warnings
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,8 @@ from refcond.contracts import Condition, ReferenceAdapter
 from refcond.errors import ConfigError, RefcondError, ReferenceImageError
 from refcond.images import ReferenceInput, load_references
 from refcond.plugins import Plugins, get_plugins
+from refcond.unet import layer_scales
+from refcond.weights import borrowed_weights, content_hash, describe_source, own_state_dict, weights_fingerprint
 
 _CACHE_SIZE = 8
 
@@ -30,9 +34,13 @@ class RefcondPipeline:
     Create one with :func:`refcond.from_pipe` or :func:`refcond.load`. Calling it takes the
     diffusers pipeline's own arguments plus ``references``; :meth:`detach` restores the pipeline.
 
-    The components are exposed by role (``encoder``, ``aggregator``, ``injectors``) so training
-    code can select parameters by role. Encoded conditions are cached by reference content, so a
-    second prompt over the same references skips the encoder.
+    The components are exposed by role (``encoder``, ``aggregator``, ``injectors``) and their
+    parameters by :meth:`named_parameters`, so training code selects what trains by role. With a
+    component in training mode (:meth:`train`), :meth:`encode` keeps the autograd graph and
+    :meth:`bind` feeds the condition to one UNet forward pass: a training loop needs nothing else.
+    Encoded conditions are cached by reference content (and prompt, for encoders that read it),
+    so a second prompt over the same references skips the encoder; the cache notices weight
+    changes and is bypassed in training mode.
     """
 
     def __init__(self, built: Built, plugins: Plugins):
@@ -43,6 +51,8 @@ class RefcondPipeline:
         self.injectors = built.injectors
         self.plugins = plugins
         self.pipeline = built.backbone.pipeline
+        self._entries = dict(built.entries)
+        self._carried = {role: set(prefixes) for role, prefixes in built.carried.items()}
         self._attachments: list[Any] = []
         try:
             for injector in self.injectors:
@@ -51,6 +61,45 @@ class RefcondPipeline:
             self.detach()
             raise
         self._cache: OrderedDict[tuple[Any, ...], tuple[Condition, Condition]] = OrderedDict()
+
+    # -- training -------------------------------------------------------------------------------
+
+    @property
+    def training(self) -> bool:
+        """Whether any component is in training mode (``module.training``)."""
+        return any(getattr(component, "training", False) for component in self.components().values())
+
+    def train(self, mode: bool = True) -> RefcondPipeline:
+        """Put every component that has a training mode into it (``mode=False``: back to eval); returns self.
+
+        Only refcond's components change mode: the pipeline's UNet, VAE and text encoders are yours
+        (call ``pipe.unet.train()`` too if your loop needs its dropout).
+        """
+        for component in self.components().values():
+            if callable(getattr(component, "train", None)):
+                component.train(mode)
+        return self
+
+    def eval(self) -> RefcondPipeline:
+        """``train(False)``."""
+        return self.train(False)
+
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """``(role.name, parameter)`` for every parameter of every component, named as in checkpoints.
+
+        Frozen ones included (check ``requires_grad``); an injector that keeps its weights inside the
+        UNet while attached (the ``lora`` injector's layers) yields those live parameters.
+        """
+        for role, component in self.components().items():
+            named = getattr(component, "named_parameters", None)
+            if callable(named):
+                for name, parameter in named():
+                    yield f"{role}.{name}", parameter
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """Every parameter of :meth:`named_parameters`."""
+        for _, parameter in self.named_parameters():
+            yield parameter
 
     # -- conditioning -------------------------------------------------------------------------
 
@@ -62,8 +111,15 @@ class RefcondPipeline:
     ) -> tuple[Condition, Condition]:
         """Encode and aggregate a batch of reference groups.
 
+        In inference (every component in eval mode) this runs under ``torch.inference_mode`` and
+        results are cached; with a component in training mode it runs with autograd as the caller
+        has it (so gradients reach the encoder's and aggregator's trainable parameters) and bypasses
+        the cache.
+
+        :param reference_weights: one list of weights per group (as long as the group), for
+            weighting aggregators (``weighted-mean``).
         :param prompts: one prompt per group, for an encoder that reads the prompt with the
-            references (``reads_prompt``, e.g. ``mllm`` with ``append_prompt``); others ignore them.
+            references (``reads_prompt``, e.g. ``mllm``); other encoders ignore them.
         :returns: ``(condition, unconditional)``, each with one row per group; ``unconditional`` is
             what the negative branch of classifier-free guidance reads.
         """
@@ -73,30 +129,72 @@ class RefcondPipeline:
                 f"({', '.join(s.name for s in self.composition.injectors)}) read no encoded condition."
             )
         groups = [load_references(group) for group in references]
-        weights = None if reference_weights is None else torch.tensor([list(map(float, w)) for w in reference_weights])
+        weights = _weights_tensor(reference_weights, [len(group) for group in groups])
         prompts = _encoder_prompts(self.encoder, prompts, len(groups))
+        if self.training:
+            self._cache.clear()  # weights are changing: nothing cached before stays valid
+            return self._encode(groups, weights, prompts)
         key = (
             tuple(tuple(_digest(img) for img in group) for group in groups),
             None if weights is None else tuple(weights.flatten().tolist()),
             prompts,
+            self._weights_fingerprint(),
         )
-        cacheable = not any(getattr(c, "training", False) for c in (self.encoder, self.aggregator))
-        if cacheable and key in self._cache:
+        if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         with torch.inference_mode():
-            encoding = self.encoder.encode(groups) if prompts is None else self.encoder.encode(groups, prompts=list(prompts))  # type: ignore[call-arg]
-            unconditional = self.encoder.encode_unconditional(encoding, groups)
-            result = (self.aggregator(encoding, weights), self.aggregator(unconditional, weights))
-        if cacheable:
-            self._cache[key] = result
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
+            result = self._encode(groups, weights, prompts)
+        self._cache[key] = result
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
         return result
 
+    def _encode(self, groups: list[list[PIL.Image.Image]], weights: torch.Tensor | None, prompts: tuple[str, ...] | None) -> tuple[Condition, Condition]:
+        assert self.encoder is not None and self.aggregator is not None
+        encoding = self.encoder.encode(groups) if prompts is None else self.encoder.encode(groups, prompts=list(prompts))
+        unconditional = self.encoder.encode_unconditional(encoding, groups)
+        return self.aggregator(encoding, weights), self.aggregator(unconditional, weights)
+
+    def _weights_fingerprint(self) -> tuple[Any, ...]:
+        """What the cached conditions depend on: the encoder's and aggregator's weights, borrowed ones included."""
+        modules: list[torch.nn.Module | None] = []
+        for role in ("encoder", "aggregator"):
+            component = getattr(self, role)
+            modules.append(component if isinstance(component, torch.nn.Module) else None)
+            modules.extend(part.module for part in borrowed_weights(component, role) if part.prefix is None)
+        return weights_fingerprint(modules)
+
     def clear_cache(self) -> None:
-        """Forget cached conditions (done automatically while a component is in training mode)."""
+        """Forget cached conditions (weight changes are noticed without it; see :func:`refcond.weights_fingerprint`)."""
         self._cache.clear()
+
+    @contextmanager
+    def bind(
+        self,
+        condition: Condition | None,
+        unconditional: Condition | None = None,
+        reference_scale: float | Mapping[str, Any] = 1.0,
+    ) -> Iterator[None]:
+        """Feed a condition to the UNet for the duration of a ``with`` block: the training-loop way in.
+
+        Every injector binds it (projecting it and computing each layer's keys and values once);
+        UNet forward passes inside the block read it, and nothing stays bound after it. Autograd is
+        as the caller has it, so a loss on the UNet's output reaches the injectors' parameters.
+
+        :param condition: what :meth:`encode` returned (one row per UNet batch row, or per
+            conditional row under classifier-free guidance); ``None`` for compositions without
+            an encoder.
+        :param unconditional: the condition of the negative rows of a classifier-free-guidance batch
+            ``[negative; positive]``; ``None`` when the batch has only positive rows.
+        :param reference_scale: a number or a per-block dict (:func:`refcond.layer_scales`).
+        """
+        self._check_attached()
+        check_reference_scale(self.backbone.unet, reference_scale)
+        with ExitStack() as stack:
+            for attachment in self._attachments:
+                stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
+            yield
 
     # -- generation ---------------------------------------------------------------------------
 
@@ -120,9 +218,11 @@ class RefcondPipeline:
 
         :param references: one group of images (paths, PIL images or arrays) for every prompt, or a
             list with one group per prompt.
-        :param reference_scale: strength of the reference condition: a float, or a per-block dict as
-            in InstantStyle (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``; unlisted blocks get 0).
-        :param reference_weights: per-reference weights for weighting aggregators (``weighted-mean``).
+        :param reference_scale: strength of the reference condition: a finite number (negative
+            values push away from the references), or a per-block dict as in InstantStyle
+            (``{"up": {"block_0": [0.0, 1.0, 0.0]}}``; unlisted blocks get 0).
+        :param reference_weights: per-reference weights for weighting aggregators (``weighted-mean``):
+            one list for every group, or one list per group.
         :param reference_captions: one caption per reference, for injectors that learn from the
             references themselves (``lora-tuning``); others ignore them.
         :param pipeline_kwargs: any other argument of the diffusers pipeline's ``__call__``
@@ -132,6 +232,7 @@ class RefcondPipeline:
         Arguments left as ``None`` keep the diffusers pipeline's defaults.
         """
         self._check_attached()
+        check_reference_scale(self.backbone.unet, reference_scale)
         batch = _prompt_batch(prompt, pipeline_kwargs)
         adapters = [a for a in self._attachments if isinstance(a, ReferenceAdapter)]
         condition: Condition | None = None
@@ -157,7 +258,8 @@ class RefcondPipeline:
                     prompts = _prompt_list(prompt, batch)
                     if len(groups) == 1 and batch > 1:  # each prompt reads the group with its own text
                         groups, weights = groups * batch, None if weights is None else weights * batch
-                condition, unconditional = self.encode(groups, weights, prompts)
+                with torch.no_grad():  # generating, even while components train (validation images)
+                    condition, unconditional = self.encode(groups, weights, prompts)
                 repeat = num_images_per_prompt * (batch if len(groups) == 1 else 1)
                 condition, unconditional = condition.repeat_interleave(repeat), unconditional.repeat_interleave(repeat)
 
@@ -172,19 +274,26 @@ class RefcondPipeline:
         call_kwargs = {k: v for k, v in call_kwargs.items() if v is not None}
         # Generation is inference: the per-call projections must not build an autograd graph that
         # lives through every denoising step (diffusers' own __call__ runs under no_grad too).
-        with torch.no_grad(), ExitStack() as stack:
-            for attachment in self._attachments:
-                stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
+        with torch.no_grad(), self.bind(condition, unconditional, reference_scale):
             return self.pipeline(num_images_per_prompt=num_images_per_prompt, **call_kwargs, **pipeline_kwargs)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
     def detach(self) -> None:
-        """Remove every injector: the pipeline's UNet is exactly as it was before ``from_pipe``."""
+        """Remove every injector: the pipeline's UNet is exactly as it was before ``from_pipe``.
+
+        Every attachment is detached even if one of them raises; the first error is raised after.
+        """
+        errors: list[BaseException] = []
         for attachment in reversed(self._attachments):
-            attachment.detach()
+            try:
+                attachment.detach()
+            except BaseException as exc:  # noqa: BLE001 - the others must still be detached
+                errors.append(exc)
         self._attachments = []
         self._detached = True
+        if errors:
+            raise errors[0]
 
     def _check_attached(self) -> None:
         if getattr(self, "_detached", False):
@@ -199,26 +308,105 @@ class RefcondPipeline:
         """Components by checkpoint role: ``encoder``, ``aggregator``, ``injector.<i>``."""
         return roles(Built(self.composition, self.backbone, self.encoder, self.aggregator, self.injectors))
 
+    # -- checkpoints ----------------------------------------------------------------------------
+
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The weights refcond owns (not the backbone's), keyed ``<role>.<parameter>``."""
+        """The weights a checkpoint stores, keyed ``<role>.<parameter>``: each component's own weights.
+
+        Not the backbone's, and not a component's borrowed pretrained weights
+        (:class:`refcond.BorrowedWeights`) unless they were trained (a parameter requires grad) or
+        loaded from a checkpoint that carried them.
+        """
         out: dict[str, torch.Tensor] = {}
         for role, component in self.components().items():
             if has_weights(component):
-                out.update({f"{role}.{k}": v for k, v in component.state_dict().items()})
+                own = own_state_dict(component, borrowed_weights(component, role), self._carried.get(role, ()))
+                out.update({f"{role}.{k}": v for k, v in own.items()})
         return out
 
     def save(self, path: str | Path) -> Path:
-        """Write a refcond checkpoint (``.safetensors``, composition in the metadata) atomically."""
+        """Write a refcond checkpoint atomically: the weights of :meth:`state_dict`, and in the metadata the
+        composition (every config resolved, the backbone's model id) and where everything came from.
+
+        A pipeline built in memory has no model id to record: the file then loads with
+        ``refcond.load(path, pipe)``, and a warning says so.
+        """
         path = Path(path)
         if path.suffix != ".safetensors":
             raise ConfigError(f"refcond checkpoints are .safetensors files; got {str(path)!r}.")
-        composition = self.composition.with_overrides({"backbone": {"config": {"model": self.backbone.model_id}}})
-        return write_safetensors(path, self.state_dict(), metadata_for(composition.model_dump(mode="json")))
+        model = describe_source(self.backbone.model_id)
+        if model["source"] is None:
+            warnings.warn(
+                f"{path}: the backbone pipeline was built in memory, so the checkpoint records no model to load it from. "
+                "Load it with refcond.load(path, pipe), passing a pipeline of the same kind.",
+                UserWarning,
+                stacklevel=2,
+            )
+        backbone_config: dict[str, Any] = {"model": model["source"]}
+        if self.composition.backbone is not None and "device" in self.composition.backbone.config:
+            backbone_config["device"] = None  # the machine that loads it chooses its device
+        composition = self.composition.with_overrides({"backbone": {"config": backbone_config}})
+        state = self.state_dict()
+        return write_safetensors(path, state, metadata_for(composition.model_dump(mode="json"), self._provenance(model, state)))
+
+    def _provenance(self, model: dict[str, str | None], state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        borrowed: dict[str, list[dict[str, Any]]] = {}
+        for role, component in self.components().items():
+            for part in borrowed_weights(component, role):
+                stored = part.prefix is not None and any(key.startswith(f"{role}.{part.prefix}") for key in state)
+                entry: dict[str, Any] = {"prefix": part.prefix, **describe_source(part.source), "stored": stored}
+                if not stored:
+                    entry["sha256"] = content_hash(part.module)
+                    entry["dtype"] = str(next(iter(part.module.state_dict().values())).dtype).removeprefix("torch.") if part.module.state_dict() else None
+                borrowed.setdefault(role, []).append(entry)
+        return {
+            "refcond": _version("refcond"),
+            "libraries": {name: _version(name) for name in LIBRARIES},
+            "components": {
+                role: {"name": entry.name, "plugin": entry.provenance.plugin, "distribution": entry.provenance.distribution, "version": entry.provenance.version}
+                for role, entry in self._entries.items()
+            },
+            "backbone": {"name": self.backbone.name, "model": model["source"], "revision": model["revision"], "built_in_memory": model["source"] is None},
+            "borrowed": borrowed,
+        }
 
     def __repr__(self) -> str:
         parts = [f"{role}={spec.name!r}" for role, spec in (("encoder", self.composition.encoder), ("aggregator", self.composition.aggregator)) if spec]
         parts.append(f"injectors={[s.name for s in self.composition.injectors]!r}")
         return f"RefcondPipeline({self.backbone.name}, {', '.join(parts)})"
+
+
+#: Libraries whose versions a checkpoint records.
+LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def check_reference_scale(unet: Any, scale: Any) -> None:
+    """Refuse a ``reference_scale`` that is not a finite number or a valid per-block dict, before anything runs."""
+    layer_scales(unet, list(unet.attn_processors), scale)
+
+
+def _weights_tensor(reference_weights: Sequence[Sequence[float]] | None, counts: Sequence[int]) -> torch.Tensor | None:
+    """``[B, N_max]`` weights, zero-padded for smaller groups; each group's list must match its size."""
+    if reference_weights is None:
+        return None
+    rows = [list(w) for w in reference_weights]
+    if len(rows) != len(counts):
+        raise ConfigError(f"reference_weights has {len(rows)} lists for {len(counts)} reference groups: give one list per group.")
+    for b, (row, count) in enumerate(zip(rows, counts)):
+        if len(row) != count:
+            raise ConfigError(f"reference_weights for group {b} has {len(row)} weights, but the group has {count} references: give one weight per reference.")
+    width = max(counts)
+    try:
+        return torch.tensor([[float(w) for w in row] + [0.0] * (width - len(row)) for row in rows])
+    except (TypeError, ValueError):
+        raise ConfigError(f"reference_weights must be numbers, got {rows}.") from None
 
 
 def _digest(image: PIL.Image.Image) -> str:
@@ -238,6 +426,8 @@ def _as_groups(references: Any, weights: Any) -> tuple[list[Any], list[list[floa
     groups = list(references) if _is_group_list(references) else [references]
     if weights is None:
         return groups, None
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
+        raise ConfigError(f"reference_weights must be a list of numbers (one per reference) or one such list per group, got {weights!r}.")
     weights = [list(w) for w in weights] if _is_group_list(weights) else [list(weights)] * len(groups)
     return groups, weights
 
@@ -278,6 +468,7 @@ def from_pipe(
     checkpoint: str | Path | dict[str, torch.Tensor] | None = None,
     allow_pickle: bool = False,
     plugins: Plugins | None = None,
+    seed: int | None = None,
     **roles: Any,
 ) -> RefcondPipeline:
     """Condition an existing diffusers pipeline on reference images.
@@ -291,19 +482,32 @@ def from_pipe(
     :param checkpoint: weights in any registered format (refcond, official IP-Adapter, ...); the
         file decides what it needs (an IP-Adapter Plus file selects the resampler projector).
     :param allow_pickle: read pickle-based files (``.bin``); only for files you trust.
+    :param seed: fixes the weights the checkpoint does not provide (fresh ones): the same seed
+        gives the same weights in any process. ``None`` draws them from torch's global generator.
     :param roles: per-role overrides, e.g. ``aggregator={"name": "concat"}`` or
-        ``encoder={"config": {"output": "hidden_states"}}``.
+        ``encoder={"config": {"output": "hidden_states"}}``; a nested dict merges into the
+        role's config level by level.
     """
     plugins = plugins or get_plugins()
-    built = build(composition, plugins, pipeline=pipe, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=roles)
+    built = build(composition, plugins, pipeline=pipe, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=roles, seed=seed)
     return RefcondPipeline(built, plugins)
 
 
-def load(path: str | Path, pipe: Any = None, *, plugins: Plugins | None = None, **roles: Any) -> RefcondPipeline:
-    """Rebuild a composition from a refcond checkpoint written by :meth:`RefcondPipeline.save`.
+def load(
+    path: str | Path,
+    pipe: Any = None,
+    *,
+    allow_pickle: bool = False,
+    plugins: Plugins | None = None,
+    seed: int | None = None,
+    **roles: Any,
+) -> RefcondPipeline:
+    """Rebuild a composition from a checkpoint: a refcond checkpoint (:meth:`RefcondPipeline.save`), or
+    a foreign file that names its recipe (an official IP-Adapter or EasyRef file, with ``pipe``).
 
-    Without ``pipe`` the backbone is loaded from the model id recorded in the checkpoint.
+    Without ``pipe`` the backbone is loaded from the model id a refcond checkpoint records; a
+    checkpoint saved from a pipeline built in memory records none, so pass ``pipe``.
     """
     plugins = plugins or get_plugins()
-    built = build(None, plugins, pipeline=pipe, checkpoint=path, overrides=roles)
+    built = build(None, plugins, pipeline=pipe, checkpoint=path, allow_pickle=allow_pickle, overrides=roles, seed=seed)
     return RefcondPipeline(built, plugins)

@@ -121,6 +121,14 @@ def test_an_override_with_the_same_name_merges_the_config():
     assert comp.injectors[1].config == {"rank": 4, "alpha": 8}
 
 
+def test_an_override_merges_nested_fields_level_by_level():
+    comp = Composition.parse({"encoder": "clip", "aggregator": "mean", "injectors": [{"name": "lora", "config": {"layers": {"rank": 128, "scale": 0.5}}}]})
+    merged = comp.with_overrides({"injectors": {"lora": {"config": {"layers": {"rank": 4}}}}})
+    assert merged.injectors[0].config == {"layers": {"rank": 4, "scale": 0.5}}  # scale kept
+    replaced = comp.with_overrides({"injectors": {"lora": {"config": {"layers": None}}}})
+    assert replaced.injectors[0].config == {"layers": None}  # a non-dict value replaces the whole field
+
+
 def test_an_override_naming_another_component_replaces_the_role():
     comp = Composition.parse(RECIPE).with_overrides({"encoder": {"name": "siglip", "config": {"size": 2}}, "aggregator": "concat"})
     assert (comp.encoder.name, comp.encoder.config) == ("siglip", {"size": 2})  # the old config is dropped

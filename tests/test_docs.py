@@ -229,6 +229,10 @@ def test_user_guide_examples_run(monkeypatch, tmp_path):
             ran += 1
     assert ran >= 6
     assert all(pipe.unet.attn_processors[k] is p for k, p in processors.items()), "the guide's examples left the UNet changed"
+    (loop,) = [b for b in code_blocks(guide) if b.section == "Train your own loop" and b.runs]
+    assert loop.code.count("\n") < 30, "the training example should stay under 30 lines"
+    losses = namespace["losses"]
+    assert losses[-1] < 0.97 * losses[0], f"the training example's loss did not go down: {losses}"
 
 
 def test_user_guide_compositions_validate(plugins):

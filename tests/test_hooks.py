@@ -61,6 +61,22 @@ class ToyBackbone:
     def cross_attention_dim(self) -> int:
         return self._dim
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def model_id(self) -> str | None:
+        return None
+
+    @classmethod
+    def accepts(cls, pipeline) -> bool:
+        return False
+
 
 def test_hook_refcond_register_backbones():
     class Plugin:
@@ -85,6 +101,8 @@ class MeanColourEncoder:
     """One token per reference: its mean colour in [0, 1]."""
 
     embedding_dim = 3
+    reads_prompt = False
+    mixes_references = False
 
     def encode(self, references: Sequence[Sequence[PIL.Image.Image]]) -> ReferenceEncoding:
         groups = [

@@ -1,13 +1,19 @@
-"""RefcondPipeline with compositions that have no encoder: injectors that read no condition."""
+"""RefcondPipeline: compositions without an encoder, detaching, call arguments checked up front,
+and compositions that cannot work refused when they are built."""
 
 from __future__ import annotations
 
 from contextlib import nullcontext
+from pathlib import Path
 
 import pytest
+import torch
+from diffusers.models.attention_processor import AttnProcessor2_0
+from refcond_easyref.testing import tiny_easyref_overrides
 
 import refcond
 from refcond import EmptyConfig, ReferenceAdapter
+from refcond.testing import reference_images
 
 
 class StaticAttachment:
@@ -53,9 +59,19 @@ class Injectors:
             def attach(self, unet):
                 raise refcond.IncompatibleBackboneError("this UNet has no layer I know")
 
+        class StuckAttachment(StaticAttachment):
+            def detach(self) -> None:
+                super().detach()
+                raise refcond.RefcondError("cannot detach: someone replaced my processors")
+
+        class Stuck:
+            def attach(self, unet):
+                return StuckAttachment(log)
+
         register("adapting", lambda config, context: Adapting(), config=EmptyConfig)
         register("static", lambda config, context: Static(), config=EmptyConfig)
         register("broken", lambda config, context: Broken(), config=EmptyConfig)
+        register("stuck", lambda config, context: Stuck(), config=EmptyConfig)
 
 
 @pytest.fixture
@@ -96,3 +112,72 @@ def test_a_failed_attach_undoes_the_injectors_attached_before_it(sd15_pipe, plug
     with pytest.raises(refcond.IncompatibleBackboneError, match="no layer I know"):
         refcond.from_pipe(sd15_pipe, {"injectors": ["static", "broken"]}, plugins=plugins)
     assert log == [("detach",)]
+
+
+def test_detach_detaches_every_injector_even_when_one_raises(sd15_pipe, plugins_with_injectors):
+    plugins, log = plugins_with_injectors
+    rp = refcond.from_pipe(sd15_pipe, {"injectors": ["static", "stuck", "static"]}, plugins=plugins)
+    with pytest.raises(refcond.RefcondError, match="someone replaced my processors"):
+        rp.detach()
+    assert log == [("detach",), ("detach",), ("detach",)]  # the first one too, after the one that raised
+    assert rp.attachments == []
+
+
+# -- call arguments ------------------------------------------------------------------------------
+
+
+def _latents(rp, prompt, references, **kwargs):
+    kwargs = {"num_inference_steps": 2, "output_type": "latent", "generator": torch.Generator().manual_seed(0), **kwargs}
+    return rp(prompt, references=references, **kwargs).images
+
+
+def test_per_group_weights_for_groups_of_different_sizes(sd15_pipe):
+    rp = refcond.from_pipe(sd15_pipe, "ip-adapter", seed=0, aggregator="weighted-mean")
+    refs = reference_images(3)
+    both = _latents(rp, ["a cat", "a dog"], [refs[:2], refs[2:]], reference_weights=[[3.0, 1.0], [1.0]])
+    first = _latents(rp, "a cat", refs[:2], reference_weights=[3.0, 1.0])
+    assert torch.allclose(both[:1], first, atol=1e-4)
+    with pytest.raises(refcond.ConfigError, match="reference_weights for group 1 has 2 weights, but the group has 1 references"):
+        _latents(rp, ["a cat", "a dog"], [refs[:2], refs[2:]], reference_weights=[[3.0, 1.0], [1.0, 2.0]])
+    with pytest.raises(refcond.ConfigError, match="reference_weights must be a list of numbers"):
+        _latents(rp, "a cat", refs[:2], reference_weights="12")
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), {"up": float("-inf")}])
+def test_a_non_finite_reference_scale_is_refused(sd15_pipe, scale):
+    rp = refcond.from_pipe(sd15_pipe, "ip-adapter", seed=0)
+    with pytest.raises(refcond.ConfigError, match="must be a finite number"):
+        _latents(rp, "a cat", reference_images(1), reference_scale=scale)
+
+
+def test_a_negative_reference_scale_is_allowed(sd15_pipe):
+    rp = refcond.from_pipe(sd15_pipe, "ip-adapter", seed=0)
+    assert torch.isfinite(_latents(rp, "a cat", reference_images(1), reference_scale=-0.5)).all()
+
+
+# -- compositions that cannot work ---------------------------------------------------------------
+
+
+def test_an_mllm_encoder_with_a_per_reference_aggregator_fails_when_built(sdxl_pipe, tiny_qwen2vl_dir: Path):
+    for aggregator in ("mean", "weighted-mean"):
+        with pytest.raises(refcond.ConfigError, match=f"aggregator '{aggregator}' needs tokens that each come from one reference.*MllmEncoder"):
+            refcond.from_pipe(sdxl_pipe, "easyref", **{**tiny_easyref_overrides(tiny_qwen2vl_dir), "aggregator": aggregator})
+
+
+def test_the_resampler_fed_tokens_that_mix_references_fails_when_built(sdxl_pipe, tiny_qwen2vl_dir: Path):
+    overrides = tiny_easyref_overrides(tiny_qwen2vl_dir)
+    overrides["injectors"]["cross-attention"] = {"config": {"projector": "resampler"}}
+    with pytest.raises(refcond.ConfigError, match="'resampler' projector needs tokens that each come from one reference"):
+        refcond.from_pipe(sdxl_pipe, "easyref", **overrides)
+    assert all(isinstance(p, AttnProcessor2_0) for p in sdxl_pipe.unet.attn_processors.values())
+
+
+class UserProcessor(AttnProcessor2_0):
+    """A user's own attention processor (as xformers' or a custom one)."""
+
+
+def test_a_users_own_attention_processor_is_not_silently_bypassed(sd15_pipe):
+    sd15_pipe.unet.set_attn_processor(UserProcessor())
+    with pytest.raises(refcond.ConfigError, match=r"runs attention processor UserProcessor.*set_default_attn_processor"):
+        refcond.from_pipe(sd15_pipe, "ip-adapter")
+    assert all(isinstance(p, UserProcessor) for p in sd15_pipe.unet.attn_processors.values())  # left as it was

@@ -8,9 +8,13 @@ from typing import Literal
 import torch
 from PIL.Image import Image
 from pydantic import Field
-from transformers import CLIPImageProcessor, CLIPVisionModelWithProjection
+from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-from refcond import BuildContext, ComponentConfig, ConfigError, ReferenceEncoding
+from refcond import BorrowedWeights, BuildContext, ComponentConfig, ConfigError, ReferenceEncoding
+
+# The Pillow image processor by name: transformers' CLIPImageProcessor needs torchvision and, without
+# it, warns at import and falls back to this one; with torchvision both give the same pixels.
+CLIPImageProcessor = CLIPImageProcessorPil
 
 
 class ClipEncoderConfig(ComponentConfig):
@@ -33,8 +37,12 @@ class ClipEncoder(torch.nn.Module):
     """CLIP vision encoder: pooled image embeddings or penultimate hidden states, one reference at a time.
 
     All references of all groups run through CLIP in one batch. The CLIP model is borrowed (from the
-    pipeline or the hub) and frozen; it is not part of refcond checkpoints.
+    pipeline or the hub): it is not part of the module tree or of refcond checkpoints, which name it
+    by source and content hash (:meth:`borrowed_weights`).
     """
+
+    reads_prompt = False
+    mixes_references = False
 
     def __init__(self, model: CLIPVisionModelWithProjection, processor: CLIPImageProcessor, config: ClipEncoderConfig):
         super().__init__()
@@ -71,6 +79,11 @@ class ClipEncoder(torch.nn.Module):
     @property
     def clip(self) -> CLIPVisionModelWithProjection:
         return self.__dict__["clip"]
+
+    def borrowed_weights(self) -> list[BorrowedWeights]:
+        """The CLIP vision model, read but not owned (outside the module tree)."""
+        source = self.config.model if self.config.model is None or not self.config.subfolder else f"{self.config.model}/{self.config.subfolder}"
+        return [BorrowedWeights(module=self.clip, source=source or getattr(self.clip, "name_or_path", None) or None, prefix=None)]
 
     def _pixels(self, images: Sequence[Image]) -> torch.Tensor:
         pixels = self.processor(images=list(images), return_tensors="pt").pixel_values

@@ -33,10 +33,12 @@ from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from refcond import (
     MIXED_SOURCE,
+    BorrowedWeights,
     BuildContext,
     ComponentConfig,
     ConfigError,
     ReferenceEncoding,
+    weights_fingerprint,
 )
 
 try:  # transformers >= 5: the PIL backend works without torchvision
@@ -90,9 +92,10 @@ class MllmEncoderConfig(ComponentConfig):
         description="Text after the images in the user turn (EasyRef's template). Prompts given to encode(..., prompts=) follow it.",
     )
     append_prompt: bool = Field(
-        default=False,
-        description="Let the MLLM read the generation prompt after the instruction (EasyRef's training text: template + caption). "
-        "False reads the instruction alone, so one encoding serves every prompt over the same references.",
+        default=True,
+        description="Let the MLLM read the generation prompt after the instruction, as the official EasyRef does (its training "
+        "text is template + caption, and the released weights were trained so). False reads the instruction alone: faster, "
+        "since one encoding then serves every prompt over the same references.",
     )
     min_pixels: int = Field(
         default=OFFICIAL_MIN_PIXELS,
@@ -127,9 +130,14 @@ class MllmEncoder(torch.nn.Module):
 
     Returns one row per group: the normed hidden states of the whole chat sequence ``[B, L, hidden]``
     (source -1: tokens mix references and text), left-padded. Its weights (vision tower, token
-    embeddings, decoder layers ``0..n-2``, final norm) are submodules, so a training stage can unfreeze
-    them; the last decoder layer is held outside the module tree for :meth:`final_layer`.
+    embeddings, decoder layers ``0..n-2``, final norm) are submodules, borrowed from the Qwen2-VL it
+    was loaded from (:meth:`borrowed_weights`): frozen when built, and left out of checkpoints
+    unless a training stage unfreezes and fine-tunes them. The last decoder layer is held outside
+    the module tree for :meth:`final_layer`.
     """
+
+    #: Every token mixes references (all images are read in one sequence): per-reference aggregators cannot read it.
+    mixes_references = True
 
     def __init__(
         self,
@@ -163,6 +171,7 @@ class MllmEncoder(torch.nn.Module):
         )
         self.embedding_dim = int(self.norm.weight.shape[0])
         self.image_token_id = int(model.config.image_token_id)
+        self.source = config.model or getattr(model, "name_or_path", None) or None
         self._check_pieces()
         self._unconditional: tuple[Any, torch.Tensor] | None = None
 
@@ -240,6 +249,10 @@ class MllmEncoder(torch.nn.Module):
                 "Load the tokenizer from the same model."
             )
 
+    def borrowed_weights(self) -> list[BorrowedWeights]:
+        """All of this module's weights are Qwen2-VL's: a checkpoint names them unless they were fine-tuned."""
+        return [BorrowedWeights(module=self, source=self.source, prefix="")]
+
     # -- parts for the aggregator -----------------------------------------------------------------
 
     def final_layer_source(self) -> torch.nn.Module:
@@ -300,9 +313,9 @@ class MllmEncoder(torch.nn.Module):
         """EasyRef's "no reference": one black 512x512 image with the instruction, computed once and repeated per group.
 
         Its length differs from the conditional encoding's (it has one image); like it, every token is
-        source -1. Recomputed only when the weights change (parameter versions) or device/dtype do.
+        source -1. Recomputed only when the weights change (:func:`refcond.weights_fingerprint`), device or dtype included.
         """
-        key = (self.device, self.dtype, sum(p._version for p in self.parameters()))
+        key = weights_fingerprint([self])
         if self._unconditional is None or self._unconditional[0] != key:
             from PIL import Image as PILImage
 

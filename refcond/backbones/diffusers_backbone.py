@@ -40,7 +40,8 @@ class DiffusersBackbone:
         if pipeline is None:
             if config.model is None:
                 raise ConfigError(
-                    f"backbone {self.name!r} needs a pipeline: pass one to refcond.from_pipe(pipe, ...), "
+                    f"backbone {self.name!r} needs a pipeline and has no model to load one from: pass the pipeline "
+                    "(refcond.from_pipe(pipe, ...); for a checkpoint saved from a pipeline built in memory, refcond.load(path, pipe)), "
                     "or set backbone.config.model to a hub id or local folder."
                 )
             pipeline = self.pipeline_class.from_pretrained(
@@ -88,7 +89,7 @@ class DiffusersBackbone:
 
     @property
     def model_id(self) -> str | None:
-        """Where the pipeline was loaded from, if diffusers recorded it."""
+        """Where the pipeline was loaded from (hub id or folder), if diffusers recorded it; ``None`` when built in memory."""
         return self.config.model or getattr(self.pipeline, "name_or_path", None) or None
 
     def describe(self) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,19 +13,33 @@ from refcond.errors import CheckpointError, RefcondError
 from refcond.registry import Registry
 
 
+@dataclass(frozen=True)
+class CheckpointFile:
+    """A checkpoint read into memory: its tensors, its metadata, and how messages name it."""
+
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    where: str
+
+
+def open_checkpoint(checkpoint: str | Path | dict[str, torch.Tensor], *, allow_pickle: bool = False) -> CheckpointFile:
+    """Read ``checkpoint`` (a file, or a flat state dict given in memory) once."""
+    if isinstance(checkpoint, dict):
+        return CheckpointFile(checkpoint, {}, "the given state dict")
+    state_dict, metadata = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    return CheckpointFile(state_dict, metadata, str(checkpoint))
+
+
 def import_checkpoint(
-    checkpoint: str | Path | dict[str, torch.Tensor],
+    checkpoint: str | Path | dict[str, torch.Tensor] | CheckpointFile,
     registry: Registry,
     backbone: Backbone | None = None,
     *,
     allow_pickle: bool = False,
 ) -> ImportedCheckpoint:
-    """Read ``checkpoint`` (a file or a flat state dict) and convert it with the first format that detects it."""
-    if isinstance(checkpoint, dict):
-        state_dict, metadata, where = checkpoint, {}, "the given state dict"
-    else:
-        state_dict, metadata = read_checkpoint(checkpoint, allow_pickle=allow_pickle)
-        where = str(checkpoint)
+    """Read ``checkpoint`` (a file, a flat state dict, or one read already) and convert it with the first format that detects it."""
+    file = checkpoint if isinstance(checkpoint, CheckpointFile) else open_checkpoint(checkpoint, allow_pickle=allow_pickle)
+    state_dict, metadata, where = file.state_dict, file.metadata, file.where
     for entry in registry.entries("checkpoint_format"):
         try:
             detected = entry.obj.detect(state_dict, metadata)

@@ -32,8 +32,9 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """Turn ``--set`` items into the role overrides of :meth:`refcond.Composition.with_overrides`.
 
     ``aggregator=concat`` names a component; ``encoder.output=hidden_states`` sets one option of a
-    role's config; ``injectors.0.scale=0.5`` (or ``injectors.cross-attention.scale=0.5``) addresses
-    one injector; ``injectors=a,b`` replaces them all. Values are read as JSON when they parse
+    role's config, and ``injectors.lora.layers.rank=4`` a nested one (the other nested fields are
+    kept); ``injectors.0.scale=0.5`` (or ``injectors.cross-attention.scale=0.5``) addresses one
+    injector; ``injectors=a,b`` replaces them all. Values are read as JSON when they parse
     (``0.5``, ``true``, ``null``, ``[1, 2]``) and as plain strings otherwise.
     """
     overrides: dict[str, Any] = {}
@@ -60,8 +61,14 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             target, rest = overrides.setdefault(role, {}), parts[1:]
         if not rest:
             target["name"] = raw.strip()
-        else:
-            target.setdefault("config", {})[".".join(rest)] = _value(raw)
+            continue
+        config = target.setdefault("config", {})
+        for part in rest[:-1]:  # encoder.a.b=v sets a nested field: {"a": {"b": v}}
+            inner = config.setdefault(part, {})
+            if not isinstance(inner, dict):
+                raise click.BadParameter(f"{item!r}: {part!r} was set to a value by an earlier --set; it cannot also hold fields.", param_hint="'--set'")
+            config = inner
+        config[rest[-1]] = _value(raw)
     return overrides
 
 
@@ -145,6 +152,25 @@ def backbone_override(
     return {"name": name, "config": config}
 
 
+def _parse_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """``--device``: a torch device that exists on this machine, checked before anything loads."""
+    if value is None:
+        return None
+    try:
+        device = torch.device(value)
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"{value!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+    available = {
+        "cuda": torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count()),
+        "mps": torch.backends.mps.is_available(),
+        "cpu": True,
+    }
+    if not available.get(device.type, True):
+        present = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + (["mps"] if available["mps"] else []))
+        raise click.BadParameter(f"{value!r} is not available on this machine (devices here: {present}).")
+    return value
+
+
 def _multiple_of_8(ctx: click.Context, param: click.Parameter, value: int | None) -> int | None:
     if value is not None and value % 8:
         raise click.BadParameter(
@@ -224,7 +250,8 @@ Examples:
     "--model",
     default=None,
     metavar="ID|FOLDER",
-    help="Hugging Face hub id or local folder of a diffusers SD1.5/SDXL pipeline (default: the composition's backbone model).",
+    help="Hugging Face hub id or local folder of a diffusers SD1.5/SDXL pipeline. Required, unless the composition "
+    "(or a refcond --checkpoint) records its backbone model.",
 )
 @click.option(
     "--backbone", default=None, metavar="NAME", help="Backbone to drive the model (sd15, sdxl); inferred from the model when omitted."
@@ -239,7 +266,7 @@ Examples:
     "--allow-pickle", is_flag=True, help="Allow reading pickle checkpoints (.bin, .pt); they can run code, so only for trusted files."
 )
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None, help="Weights dtype of the pipeline.")
-@click.option("--device", default=None, help="Device to run on, e.g. cuda, cuda:1, mps, cpu.")
+@click.option("--device", default=None, callback=_parse_device, help="Device to run on, e.g. cuda, cuda:1, mps, cpu.")
 @click.option("--steps", type=click.IntRange(min=1), default=None, help="Denoising steps (default: the pipeline's, usually 50).")
 @click.option("--guidance-scale", type=float, default=None, help="Classifier-free guidance scale (default: the pipeline's, usually 7.5).")
 @click.option(
@@ -256,7 +283,13 @@ Examples:
     metavar="W1,W2,...",
     help="One weight per --ref, for weighting aggregators (--set aggregator=weighted-mean).",
 )
-@click.option("--seed", type=int, default=None, help="Random seed; a random one is chosen (and reported) when omitted.")
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Random seed of the generation and of any fresh weights (a composition without --checkpoint); "
+    "a random one is chosen (and reported) when omitted.",
+)
 @click.option("--width", type=click.IntRange(min=8), default=None, callback=_multiple_of_8, help="Image width in pixels (a multiple of 8).")
 @click.option(
     "--height", type=click.IntRange(min=8), default=None, callback=_multiple_of_8, help="Image height in pixels (a multiple of 8)."
@@ -345,15 +378,15 @@ def generate(
     st.status(f"[1/3] Loading {overrides['backbone']['name']} pipeline {model} with composition {recipe.name or composition or 'from the checkpoint'!r}...")
     try:
         with _loading_bars(enabled=not quiet):
-            built = build(recipe, plugins, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=overrides)
+            built = build(recipe, plugins, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=overrides, seed=seed)
     except OSError as exc:  # from diffusers' from_pretrained: missing or broken weight files
         raise click.ClickException(f"cannot load model {model!r}: {exc}") from None
     rp = RefcondPipeline(built, plugins)
-    own_weights = list(rp.state_dict()) if checkpoint is None else []
+    own_weights = list(rp.state_dict()) if checkpoint is None else []  # borrowed pretrained weights are not fresh
     if own_weights:
         st.warn(
             f"no --checkpoint, so the composition's own weights ({len(own_weights)} tensors, e.g. {own_weights[0]}) "
-            "are freshly initialised: the references have no learned effect."
+            f"are freshly initialised (seed {seed}): the references have no learned effect."
         )
     rp.pipeline.set_progress_bar_config(disable=quiet)
     timings["load"] = time.perf_counter() - t
@@ -362,7 +395,7 @@ def generate(
     condition_shape = None
     if rp.encoder is not None:
         st.status(f"[2/3] Encoding {len(references)} reference(s)...")
-        condition, _ = rp.encode([references], None if weights is None else [weights])
+        condition, _ = rp.encode([references], None if weights is None else [weights], prompts=[prompt])
         condition_shape = list(condition.tokens.shape)
     else:  # e.g. lora-tuning: the injectors learn from the references during the call
         st.status(f"[2/3] No encoder: the {len(references)} reference(s) go to the injectors...")

@@ -7,11 +7,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 from torch import nn
 
 from refcond import (
     BuildContext,
     layer_scales,
+    require_per_reference_tokens,
     Condition,
     ConfigError,
     IncompatibleBackboneError,
@@ -33,6 +35,10 @@ from refcond_injectors.cross_attention.projectors import (
     ResamplerProjector,
     project_condition,
 )
+
+
+#: The processors whose math the decoupled processor reproduces for the text attention (diffusers' defaults).
+REPLACEABLE_PROCESSORS = (AttnProcessor2_0, AttnProcessor)
 
 
 class DecoupledKV(nn.Module):
@@ -92,6 +98,8 @@ class CrossAttentionInjector(nn.Module):
         """
         if context.backbone is None or context.encoder is None or context.aggregator is None:
             raise ConfigError("injector 'cross-attention' needs a backbone, an encoder and an aggregator built before it.")
+        if config.projector == "resampler":  # it resamples each reference's tokens on their own
+            require_per_reference_tokens(context, "injector 'cross-attention' with the 'resampler' projector")
         input_dim = context.aggregator.output_dim(context.encoder.embedding_dim)
         if config.input_dim is not None and config.input_dim != input_dim:
             raise IncompatibleBackboneError(
@@ -149,6 +157,15 @@ class CrossAttentionAttachment:
                 "a cross-attention injector is already attached to this UNet; one UNet takes one. Put all "
                 "references in one group (with a concat or mean aggregator), or detach the other first."
             )
+        for layer, original in zip(layers, self._originals):
+            if type(original) not in REPLACEABLE_PROCESSORS:  # a subclass may compute something else
+                # Bound, the decoupled processor computes the text attention itself: a custom one would be bypassed.
+                raise ConfigError(
+                    f"the UNet's {layer.module_path} runs attention processor {type(original).__name__}; while a reference "
+                    "condition is bound the cross-attention injector computes that layer's attention itself and would bypass it. "
+                    f"It replaces only diffusers' default processors ({', '.join(c.__name__ for c in REPLACEABLE_PROCESSORS)}): "
+                    "restore them with pipe.unet.set_default_attn_processor() before refcond.from_pipe, and set yours again after detach()."
+                )
         self._processors = [DecoupledCrossAttnProcessor(original, layer.heads) for original, layer in zip(self._originals, layers)]
         for module, processor in zip(self._modules, self._processors):
             module.set_processor(processor)

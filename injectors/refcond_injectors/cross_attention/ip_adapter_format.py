@@ -61,7 +61,7 @@ class IPAdapterFormat:
 
     def convert(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], backbone: Backbone | None) -> ImportedCheckpoint:
         if backbone is None:
-            raise CheckpointError("an IP-Adapter file needs a pipeline to attach to: pass one to refcond.from_pipe(pipe, checkpoint=...).")
+            raise CheckpointError("an IP-Adapter file needs a pipeline to attach to: pass one, refcond.load(path, pipe) or refcond.from_pipe(pipe, checkpoint=path).")
         projector = {k[len(IMAGE_PROJ) :]: v for k, v in state_dict.items() if k.startswith(IMAGE_PROJ)}
         adapter = {k[len(IP_ADAPTER) :]: v for k, v in state_dict.items() if k.startswith(IP_ADAPTER)}
         if not projector:
@@ -81,7 +81,7 @@ class IPAdapterFormat:
             "encoder": {"name": "clip", "config": {"output": encoder_output}},
             "injectors": {INJECTOR: {"config": config}},
         }
-        return ImportedCheckpoint(composition=composition, state_dict=weights, source="ip-adapter")
+        return ImportedCheckpoint(composition=composition, state_dict=weights, source="ip-adapter", recipe="ip-adapter")
 
 
 def _layer_weights(adapter: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:

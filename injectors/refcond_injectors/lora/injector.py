@@ -99,6 +99,23 @@ class LoraInjector:
             return {key: peft_weight(unet, key, attachment.own_adapter).detach() for key, _ in self.own_layers.items()}
         return {key: value.detach() for key, value in self.own_layers.items()}
 
+    def named_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
+        """The own LoRA layers' live parameters (inside the UNet's PEFT layers, while attached), named as in :meth:`state_dict`.
+
+        Nothing while detached or without ``layers``: the weights are then plain tensors held for the next attach.
+        """
+        attachment = self.attachment
+        if self.own_layers is None or attachment is None or attachment.own_adapter is None:
+            return
+        unet = self.pipeline.unet
+        for key, _ in self.own_layers.items():
+            yield key, peft_weight(unet, key, attachment.own_adapter)
+
+    def parameters(self) -> Iterator[torch.nn.Parameter]:
+        """The parameters of :meth:`named_parameters`."""
+        for _, parameter in self.named_parameters():
+            yield parameter
+
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True) -> None:
         """Load the own LoRA layers' weights (keys and shapes as :meth:`state_dict`); only while detached."""
         if self.own_layers is None:

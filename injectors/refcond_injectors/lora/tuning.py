@@ -42,9 +42,9 @@ from refcond import (
     RefcondError,
     ReferenceImageError,
     compat,
+    did_you_mean,
     load_references,
 )
-from refcond.errors import did_you_mean
 from refcond_injectors.lora.saving import (
     TuningRecord,
     complete_record,

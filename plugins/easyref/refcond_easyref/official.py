@@ -121,7 +121,7 @@ class EasyRefFormat:
             composition=composition,
             state_dict=weights,
             source="easyref",
-            optional_roles=frozenset() if mllm else frozenset({"encoder"}),
+            recipe="easyref",
         )
 
 

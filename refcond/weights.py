@@ -1,0 +1,118 @@
+"""Whose weights are whose, and whether they changed.
+
+A component owns the weights it trains; it may also *borrow* pretrained weights it did not train
+(a Qwen2-VL trunk, a CLIP vision model) and list them with an optional ``borrowed_weights()``
+method returning :class:`refcond.BorrowedWeights`. This module holds the rules the core applies:
+
+- borrowed weights inside a component's state dict are frozen when the composition is built;
+- a checkpoint stores a component's own weights, and a borrowed part only once it is trained
+  (a parameter requires grad when saving) or was loaded from a checkpoint that carried it; other
+  borrowed parts are named by source and :func:`content_hash` instead;
+- :func:`weights_fingerprint` tells cheaply whether weights may have changed (caches key on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+
+from refcond.contracts import BorrowedWeights
+from refcond.errors import ConfigError
+
+#: A Hugging Face cache snapshot folder: ``.../models--org--name/snapshots/<commit>``.
+_HUB_CACHE = re.compile(r"models--(?P<org>[^/\\]+?)--(?P<name>[^/\\]+)[/\\]snapshots[/\\](?P<revision>[0-9a-f]{7,64})")
+
+
+def borrowed_weights(component: Any, role: str = "component") -> list[BorrowedWeights]:
+    """What ``component.borrowed_weights()`` declares (an empty list when it has no such method)."""
+    method = getattr(component, "borrowed_weights", None)
+    if method is None:
+        return []
+    declared = list(method())
+    for item in declared:
+        if not isinstance(item, BorrowedWeights) or not isinstance(item.module, torch.nn.Module):
+            raise ConfigError(
+                f"{role} {type(component).__name__}.borrowed_weights() must return refcond.BorrowedWeights "
+                f"items holding a torch module, got {item!r}."
+            )
+    return declared
+
+
+def under(key: str, prefix: str) -> bool:
+    """Whether state-dict ``key`` lies under ``prefix`` (``""`` holds every key)."""
+    return prefix == "" or key.startswith(prefix)
+
+
+def is_trainable(module: torch.nn.Module) -> bool:
+    """Whether any parameter of ``module`` requires grad."""
+    return any(p.requires_grad for p in module.parameters())
+
+
+def content_hash(module: torch.nn.Module) -> str:
+    """SHA-256 of ``module``'s state dict: every key, dtype, shape and the tensor bytes, in key order.
+
+    Identical weights give the same hash on any device; a different dtype gives another hash. It
+    reads every byte once (about a second per 1.5 GB on one CPU core).
+    """
+    digest = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        if tensor.numel():
+            raw = tensor.contiguous().cpu().reshape(-1).view(torch.uint8)
+            digest.update(memoryview(raw.numpy()))
+    return digest.hexdigest()
+
+
+def describe_source(source: str | None) -> dict[str, str | None]:
+    """``{"source": ..., "revision": ...}``: a hub id (with the commit) rather than a cache folder path."""
+    if not source:
+        return {"source": None, "revision": None}
+    match = _HUB_CACHE.search(str(source))
+    if match:
+        return {"source": f"{match['org']}/{match['name']}", "revision": match["revision"]}
+    return {"source": str(source), "revision": None}
+
+
+def weights_fingerprint(modules: Iterable[torch.nn.Module | None]) -> tuple[Any, ...]:
+    """A cheap summary of the weights of ``modules`` that changes when they do.
+
+    It covers every parameter and buffer: which tensor holds it, where, in which dtype and shape
+    (``.to()``, ``load_state_dict(assign=True)``), and its sum (in-place edits: an optimizer step,
+    ``load_state_dict``, a manual ``param.add_()``). An in-place edit that leaves every tensor's
+    sum unchanged is not noticed. It reads every element once (fast on an accelerator).
+    """
+    items: list[Any] = []
+    for module in modules:
+        if module is None:
+            items.append(None)
+            continue
+        with torch.no_grad():
+            for name, tensor in (*module.named_parameters(), *module.named_buffers()):
+                total = _sum(tensor) if tensor.is_floating_point() or tensor.is_complex() else int(tensor.sum()) if tensor.numel() else 0
+                items.append((name, tensor.data_ptr(), str(tensor.device), tensor.dtype, tuple(tensor.shape), total))
+    return tuple(items)
+
+
+def _sum(tensor: torch.Tensor) -> float:
+    # float64 accumulation notices small edits; devices without float64 (mps) accumulate in float32.
+    accumulate = torch.float32 if tensor.device.type == "mps" else torch.float64
+    return float(tensor.detach().sum(dtype=accumulate)) if tensor.numel() else 0.0
+
+
+def own_state_dict(component: Any, borrowed: Iterable[BorrowedWeights], carried: Iterable[str]) -> dict[str, torch.Tensor]:
+    """``component.state_dict()`` without the borrowed parts that are neither trained nor carried.
+
+    :param carried: prefixes of borrowed parts that were loaded from a checkpoint (fine-tuned copies).
+    """
+    state: Mapping[str, torch.Tensor] = component.state_dict()
+    carried = set(carried)
+    for part in borrowed:
+        if part.prefix is None or part.prefix in carried or is_trainable(part.module):
+            continue
+        state = {key: value for key, value in state.items() if not under(key, part.prefix)}
+    return dict(state)
