@@ -308,3 +308,48 @@ def test_console_script_and_python_m_run_the_cli():
     done = subprocess.run([sys.executable, "-m", "refcond", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("Usage: refcond [OPTIONS] COMMAND") and "generate" in done.stdout
+
+
+def test_parse_overrides_reaches_nested_fields():
+    assert parse_overrides(["injectors.lora.layers.rank=4", "injectors.lora.layers.scale=0.5"]) == {
+        "injectors": {"lora": {"config": {"layers": {"rank": 4, "scale": 0.5}}}}
+    }
+
+
+def test_generate_with_an_encoder_that_reads_the_prompt_and_fresh_weights(model_dir, ref_args, tmp_path, tiny_qwen2vl_dir):
+    """easyref's mllm reads the prompt (append_prompt); without --checkpoint only the composition's own weights are fresh."""
+    from refcond.testing.qwen2vl import MAX_PIXELS, MIN_PIXELS
+
+    result = invoke(
+        "generate", "-m", model_dir, "-c", "easyref", *ref_args, "-p", "a cat", "--steps", 1, "--seed", 3,
+        "--set", f"encoder.model={tiny_qwen2vl_dir}", "--set", "encoder.dtype=float32", "--set", "encoder.append_prompt=true",
+        "--set", f"encoder.min_pixels={MIN_PIXELS}", "--set", f"encoder.max_pixels={MAX_PIXELS}",
+        "--set", "aggregator.num_tokens=4", "--set", "injectors.lora.layers.rank=2",
+        "-o", tmp_path / "o.png", "--json", "--quiet",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["condition_shape"] == [1, 4, 64]
+    assert report["composition"]["injectors"][1]["config"]["layers"] == {"rank": 2, "targets": ["to_q", "to_k", "to_v", "to_out.0"], "scale": 1.0}
+    warning = next(line for line in result.stderr.splitlines() if "no --checkpoint" in line)
+    assert "(seed 3)" in warning and "encoder." not in warning  # the borrowed MLLM is not fresh
+
+
+def test_generate_with_the_same_seed_gives_the_same_fresh_weights(model_dir, ref_args, tmp_path):
+    images = []
+    for name, seed in (("a.png", 5), ("b.png", 5), ("c.png", 6)):
+        result = invoke("generate", "-m", model_dir, *ref_args, "-p", "a cat", "--steps", 2, "--seed", seed, "-o", tmp_path / name, "--quiet")
+        assert result.exit_code == 0, result.output
+        images.append(np.asarray(PIL.Image.open(tmp_path / name), dtype=np.int16))
+    assert np.array_equal(images[0], images[1])
+    assert not np.array_equal(images[0], images[2])
+
+
+@pytest.mark.parametrize(
+    ("device", "fragment"),
+    [("quantum", "'quantum' is not a device"), (f"cuda:{torch.cuda.device_count() + 3}", "is not available on this machine")],
+    ids=["unknown", "absent"],
+)
+def test_generate_refuses_a_device_this_machine_lacks_in_one_line(model_dir, ref_args, tmp_path, device, fragment):
+    result = invoke("generate", "-m", model_dir, *ref_args, "--device", device, "-o", tmp_path / "o.png")
+    assert_clean_error(result, 2, fragment)

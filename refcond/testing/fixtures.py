@@ -8,7 +8,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import PIL.Image
-import pytest
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
+    raise ImportError(
+        "refcond.testing.fixtures holds pytest fixtures, and pytest is not installed: install the test extra, "
+        "pip install 'refcond[test]' (or pip install pytest). The rest of refcond.testing works without it."
+    ) from None
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 from refcond.plugins import Plugins, load_plugins
