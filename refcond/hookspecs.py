@@ -11,7 +11,9 @@ import pluggy
 
 from refcond.registry import Register
 
+#: Marks refcond's hook specifications (used by this module only).
 hookspec = pluggy.HookspecMarker("refcond")
+#: Marks a plugin's implementation of a refcond hook: decorate each ``refcond_register_*`` function with it.
 hookimpl = pluggy.HookimplMarker("refcond")
 
 

@@ -26,7 +26,7 @@ API = DOCS / "api"
 
 #: Exported names without a docstring, which the API reference therefore leaves out. Give the
 #: object a docstring (a ``#:`` comment above a module attribute) and take its name off this list.
-UNDOCUMENTED_EXPORTS = {"refcond.PICKLE_SUFFIXES"}
+UNDOCUMENTED_EXPORTS: set[str] = set()
 
 #: Where the packages rendered by the API reference live (the handler's ``paths`` in mkdocs.yml).
 SOURCE_ROOTS = [ROOT, ROOT / "encoders", ROOT / "injectors", ROOT / "plugins" / "easyref", ROOT / "plugins" / "example"]

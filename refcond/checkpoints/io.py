@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from refcond.errors import CheckpointError
 from refcond.files import atomic_write
 
+#: Suffixes of pickle-based weight files, refused unless the caller passes ``allow_pickle=True``.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

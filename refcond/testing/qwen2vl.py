@@ -35,6 +35,7 @@ _IMAGE_SIZE = 16
 #: The official resolution rule (``((size // 28 - 1) ** 2) * 28 * 28`` .. ``((size // 28) ** 2 + 1) * 28 * 28``)
 #: with 28 = patch 14 x merge 2 replaced by the tiny model's 4 and 336 by 16.
 MIN_PIXELS = ((_IMAGE_SIZE // _FACTOR - 1) ** 2) * _FACTOR * _FACTOR
+#: The most pixels the tiny image processor resizes a reference to (see ``MIN_PIXELS``).
 MAX_PIXELS = ((_IMAGE_SIZE // _FACTOR) ** 2 + 1) * _FACTOR * _FACTOR
 
 
