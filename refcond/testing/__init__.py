@@ -6,6 +6,7 @@ Use the fixtures in a plugin's tests with ``pytest_plugins = ["refcond.testing.f
 
 from refcond.testing.conformance import (
     check_aggregator,
+    check_backbone,
     check_encoder,
     check_injector,
     make_condition,
@@ -24,12 +25,17 @@ from refcond.testing.models import (
     tiny_unet,
     tiny_vae,
 )
+from refcond.testing.qwen2vl import MAX_PIXELS as TINY_QWEN2VL_MAX_PIXELS
+from refcond.testing.qwen2vl import MIN_PIXELS as TINY_QWEN2VL_MIN_PIXELS
 from refcond.testing.qwen2vl import save_tiny_qwen2vl, tiny_qwen2vl, tiny_qwen2vl_processor
 
 __all__ = [
     "IMAGE_ENCODER_SIZE",
     "IMAGE_SIZE",
+    "TINY_QWEN2VL_MAX_PIXELS",
+    "TINY_QWEN2VL_MIN_PIXELS",
     "check_aggregator",
+    "check_backbone",
     "check_encoder",
     "check_injector",
     "make_condition",

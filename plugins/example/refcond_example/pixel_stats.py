@@ -43,8 +43,12 @@ class PixelStatsEncoder(torch.nn.Module):
 
     Every reference yields ``config.tokens`` tokens whose ``source`` is the reference's index, so
     per-reference aggregators (``mean``, ``max``, ``concat``) apply. The unconditional encoding is
-    all zeros with the same layout.
+    all zeros with the same layout. It reads the images only, not the prompt.
     """
+
+    #: The pipeline calls ``encode(references)`` without prompts, and encodes a group once whatever
+    #: the prompt (an encoder that reads the prompt with the images sets this True).
+    reads_prompt = False
 
     def __init__(self, config: PixelStatsConfig):
         super().__init__()
@@ -75,7 +79,8 @@ class PixelStatsEncoder(torch.nn.Module):
         stats = torch.cat([x.mean(dim=1), x.std(dim=1, unbiased=False), *q], dim=-1)
         return stats.to(device=self.proj.weight.device, dtype=self.proj.weight.dtype)
 
-    def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+    def encode(self, references: Sequence[Sequence[Image]], prompts: Sequence[str] | None = None) -> ReferenceEncoding:
+        """One row per group: ``config.tokens`` tokens per reference. ``prompts`` is not read (``reads_prompt`` is False)."""
         counts = [len(group) for group in references]
         flat = [image for group in references for image in group]
         tokens = self.proj(self.statistics(flat)).reshape(len(flat), self.config.tokens, self.config.dim)

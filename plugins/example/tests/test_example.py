@@ -14,7 +14,6 @@ from refcond.testing import (
     check_aggregator,
     check_encoder,
     check_injector,
-    make_condition,
 )
 
 COMPOSITION = {
@@ -70,6 +69,7 @@ def test_max_refuses_weights_and_uneven_references():
 
 def test_pixel_stats_conforms_and_chains_into_max():
     encoder = PixelStatsEncoder(PixelStatsConfig(dim=16, tokens=3))
+    assert encoder.reads_prompt is False  # the pipeline encodes a group once, whatever the prompt
     encoding = check_encoder(encoder)
     assert encoding.mask.sum(dim=1).tolist() == [6, 3]  # 2 and 1 references, 3 tokens each
     check_aggregator(MaxAggregator(), encoding, fixed_length=3)
@@ -121,8 +121,9 @@ def test_example_components_drive_a_generation(sd15_pipe, references, tmp_path):
     assert any(key.startswith("encoder.proj.") for key in rp.state_dict())
     rp.detach()
     assert np.array_equal(_generate(sd15_pipe), plain)
-    # Detached, the injector passes the contract checks on the plain UNet (one injector per UNet at a time).
-    check_injector(rp.injectors[0], sd15_pipe.unet, make_condition(batch=1, length=2, dim=16))
+    # Detached, the injector passes the contract checks on the plain UNet (one injector per UNet at a time),
+    # fed conditions of the max aggregator's size: pixel-stats' dim.
+    check_injector(rp.injectors[0], sd15_pipe.unet, dim=16)
 
     reloaded = refcond.load(path, sd15_pipe)
     assert reloaded.composition.encoder.name == "pixel-stats"
