@@ -39,11 +39,6 @@ SHIPPED = [
     *sorted(ROOT.glob("plugins/*/refcond_*")),
 ]
 COMPAT = ROOT / "refcond" / "compat.py"
-#: TEMPORARY, to be emptied: private names of library objects still used outside compat.py, as
-#: (file relative to the repository root, attribute name). Each is being replaced by a public API.
-PENDING: set[tuple[str, str]] = {
-    ("refcond/testing/qwen2vl.py", "_attn_implementation"),  # transformers' config; public: attn_implementation=
-}
 _REFLECTION = {"getattr", "hasattr", "setattr", "delattr"}
 
 
@@ -178,8 +173,7 @@ def _scan() -> list[str]:
             continue
         relative = path.relative_to(ROOT).as_posix()
         for line, name, what in sorted(set(private_uses(path, tree, own))):
-            if (relative, name) not in PENDING:
-                problems.append(f"{relative}:{line}: {name}: {what}")
+            problems.append(f"{relative}:{line}: {name}: {what}")
     return problems
 
 
@@ -193,14 +187,6 @@ def test_private_names_of_libraries_are_used_in_refcond_compat_only():
         "private names of torch/diffusers/peft/accelerate/transformers outside refcond/compat.py (use a public API, "
         "or add a helper to refcond/compat.py that raises LibraryVersionError when the name is gone):\n  " + "\n  ".join(problems)
     )
-
-
-def test_the_pending_exceptions_are_still_needed():
-    """An entry of PENDING whose use is gone must be removed, so that the list only shrinks."""
-    trees = {path: ast.parse(path.read_text()) for path in _shipped_files()}
-    own = _own_private_names(trees)
-    used = {(path.relative_to(ROOT).as_posix(), name) for path, tree in trees.items() for _, name, _ in private_uses(path, tree, own)}
-    assert not PENDING - used, f"no longer used, remove from PENDING: {sorted(PENDING - used)}"
 
 
 @pytest.mark.parametrize(

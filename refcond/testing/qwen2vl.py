@@ -116,9 +116,9 @@ def tiny_qwen2vl_config() -> Qwen2VLConfig:
         text_config=text_config,
         vision_config=vision_config,
         tie_word_embeddings=False,
+        attn_implementation="sdpa",
         **ids,
     )
-    config._attn_implementation = "sdpa"
     return config
 
 
