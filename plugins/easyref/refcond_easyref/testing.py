@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from refcond_injectors.cross_attention.layers import cross_attention_layers
 
-from refcond.testing.qwen2vl import MAX_PIXELS, MIN_PIXELS, tiny_qwen2vl
+from refcond import cross_attention_layers
+from refcond.testing import TINY_QWEN2VL_MAX_PIXELS, TINY_QWEN2VL_MIN_PIXELS, tiny_qwen2vl
 
 #: Reference tokens and LoRA rank of the tiny settings (64 and 128 in the release).
 TINY_NUM_TOKENS = 8
@@ -33,7 +33,7 @@ def tiny_easyref_overrides(qwen2vl_dir: str | Path, **encoder_config: Any) -> di
     ``refcond.from_pipe(pipe, "easyref", **tiny_easyref_overrides(folder))``: float32, the tiny
     resolution rule, 8 reference tokens, rank-4 LoRA. ``encoder_config`` adds encoder settings.
     """
-    encoder = {"model": str(qwen2vl_dir), "dtype": "float32", "min_pixels": MIN_PIXELS, "max_pixels": MAX_PIXELS, **encoder_config}
+    encoder = {"model": str(qwen2vl_dir), "dtype": "float32", "min_pixels": TINY_QWEN2VL_MIN_PIXELS, "max_pixels": TINY_QWEN2VL_MAX_PIXELS, **encoder_config}
     return {
         "encoder": {"config": encoder},
         "aggregator": {"config": {"num_tokens": TINY_NUM_TOKENS}},
