@@ -94,8 +94,7 @@ def _run(
 
     say(f"Building composition {COMPOSITION!r} (injector initialised from seed {seed})...")
     t = time.perf_counter()
-    torch.manual_seed(seed)  # the injector's fresh weights
-    rp = refcond.from_pipe(pipe, COMPOSITION, plugins=plugins)
+    rp = refcond.from_pipe(pipe, COMPOSITION, plugins=plugins, seed=seed)  # the injector's fresh weights
     timings["build"] = time.perf_counter() - t
 
     say(f"Encoding {len(references)} references...")

@@ -61,6 +61,7 @@ class RefcondPipeline:
             self.detach()
             raise
         self._cache: OrderedDict[tuple[Any, ...], tuple[Condition, Condition]] = OrderedDict()
+        self._content_hashes: dict[int, tuple[tuple[Any, ...], str]] = {}
 
     # -- training -------------------------------------------------------------------------------
 
@@ -356,8 +357,8 @@ class RefcondPipeline:
                 stored = part.prefix is not None and any(key.startswith(f"{role}.{part.prefix}") for key in state)
                 entry: dict[str, Any] = {"prefix": part.prefix, **describe_source(part.source), "stored": stored}
                 if not stored:
-                    entry["sha256"] = content_hash(part.module)
-                    entry["dtype"] = str(next(iter(part.module.state_dict().values())).dtype).removeprefix("torch.") if part.module.state_dict() else None
+                    entry["sha256"] = self._content_hash(part.module)
+                    entry["dtype"] = next((str(p.dtype).removeprefix("torch.") for p in part.module.parameters() if p.is_floating_point()), None)
                 borrowed.setdefault(role, []).append(entry)
         return {
             "refcond": _version("refcond"),
@@ -369,6 +370,15 @@ class RefcondPipeline:
             "backbone": {"name": self.backbone.name, "model": model["source"], "revision": model["revision"], "built_in_memory": model["source"] is None},
             "borrowed": borrowed,
         }
+
+    def _content_hash(self, module: torch.nn.Module) -> str:
+        """:func:`refcond.content_hash`, remembered while the module's weights stay as they were (saving every K
+        training steps reads a frozen multi-GB trunk once, not at every save)."""
+        fingerprint = weights_fingerprint([module])[1:]  # without the optimizer-step count: these weights are frozen
+        known = self._content_hashes.get(id(module))
+        if known is None or known[0] != fingerprint:
+            known = self._content_hashes[id(module)] = (fingerprint, content_hash(module))
+        return known[1]
 
     def __repr__(self) -> str:
         parts = [f"{role}={spec.name!r}" for role, spec in (("encoder", self.composition.encoder), ("aggregator", self.composition.aggregator)) if spec]

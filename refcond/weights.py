@@ -108,6 +108,8 @@ def weights_fingerprint(modules: Iterable[torch.nn.Module | None]) -> tuple[Any,
     It reads a few elements per tensor, not all of them, so it costs microseconds per tensor even
     for a 2B-parameter model; an in-place edit of a few elements outside the probed ones, made
     without an optimizer, is not noticed (clear the cache by hand after such surgery).
+
+    Returns ``(optimizer steps so far, tensor layout, probe digests)``; compare whole values.
     """
     _count_optimizer_steps()
     layout: list[Any] = []
