@@ -11,6 +11,7 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 from safetensors.torch import save_file
 
+import refcond
 from refcond import BuildContext, Condition, ConfigError, ReferenceEncoding
 from refcond.aggregators import MeanAggregator
 from refcond.backbones import BackboneConfig, SD15Backbone, SDXLBackbone
@@ -530,6 +531,26 @@ def _broken_backbone(**members):
 
 def test_a_third_party_backbone_conforms(sd15_pipe):
     check_backbone(CompleteSketchBackbone(sd15_pipe), sd15_pipe)
+
+
+def test_a_backbone_that_passes_check_backbone_builds_generates_and_saves(sd15_pipe, tmp_path):
+    """What the conformance check promises: a backbone with the protocol's members works end to end, save() included."""
+
+    class Backbones:
+        __name__ = "sketch-backbones"
+
+        @refcond.hookimpl
+        def refcond_register_backbones(self, register):
+            register("sketch", lambda config, context: CompleteSketchBackbone(context.extras["pipeline"]))
+
+    plugins = refcond.load_plugins()
+    plugins.register(Backbones())
+    rp = refcond.from_pipe(sd15_pipe, "ip-adapter", plugins=plugins, backbone="sketch", seed=0)
+    rp("a cat", reference_images(1), num_inference_steps=1, output_type="latent")
+    with pytest.warns(UserWarning, match="built in memory"):
+        path = rp.save(tmp_path / "sketch.safetensors")
+    assert refcond.describe_checkpoint(path)["provenance"]["components"]["backbone"]["plugin"] == "sketch-backbones"
+    rp.detach()
 
 
 @pytest.mark.parametrize(

@@ -363,6 +363,11 @@ def test_registered_with_its_config():
         entry.obj(MllmEncoderConfig(model=None), BuildContext())
 
 
+def test_the_mllm_reads_the_prompt_by_default_as_the_official_easyref():
+    assert MllmEncoderConfig().append_prompt is True
+    assert MllmEncoderConfig(append_prompt=False).append_prompt is False  # the faster, instruction-only option
+
+
 def test_config_validation():
     with pytest.raises(ValueError, match="min_pixels"):
         MllmEncoderConfig(min_pixels=10, max_pixels=5)

@@ -73,3 +73,14 @@ def test_a_failed_save_leaves_the_previous_file_and_no_temp_file(tmp_path: Path,
         rp.save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_weights_for_a_role_without_weights_are_named_plainly(tmp_path: Path) -> None:
+    rp = refcond.from_pipe(tiny_sd15_pipeline(), "ip-adapter", seed=0)
+    with pytest.warns(UserWarning, match="built in memory"):
+        path = rp.save(tmp_path / "ip.safetensors")
+    rp.detach()
+    state, metadata = refcond.read_checkpoint(path)
+    refcond.write_safetensors(path, {**state, "aggregator.norm_in.bias": torch.zeros(2)}, metadata)  # 'mean' has no weights
+    with pytest.raises(refcond.CheckpointError, match=r"aggregator has no weights, but the checkpoint has 1 keys for it, e\.g\. 'aggregator\.norm_in\.bias'\."):
+        refcond.load(path, tiny_sd15_pipeline())
