@@ -163,7 +163,7 @@ def build_step_bench(setting: StepSetting, qwen2vl_dir: Path) -> StepBench:
     checkpoint = trained_scale(fabricate_official_checkpoint(unet, num_tokens=setting.num_tokens, lora_rank=setting.lora_rank), unet)
     official = official_unet(unet, checkpoint, setting.num_tokens, 1.0)  # a copy, made while the UNet is plain
     # Only the encoder is overridden: the checkpoint sets the token count and the LoRA rank.
-    overrides = {"encoder": tiny_easyref_overrides(qwen2vl_dir)["encoder"]}
+    overrides = {"encoder": tiny_easyref_overrides(qwen2vl_dir, append_prompt=False)["encoder"]}
     rp = refcond.from_pipe(pipe, "easyref", checkpoint=dict(checkpoint), **overrides)
     try:
         condition, unconditional = rp.encode([reference_images(3)])
@@ -403,7 +403,9 @@ def generation_bench(qwen2vl_dir: Path) -> Iterator[GenerationBench]:
     components = {**pipe.components, "unet": official_unet(pipe.unet, checkpoint, _num_tokens(checkpoint), 1.0)}
     official_pipe = type(pipe)(**components)
     official_pipe.set_progress_bar_config(disable=True)
-    rp = refcond.from_pipe(pipe, "easyref", checkpoint=dict(checkpoint), **tiny_easyref_overrides(qwen2vl_dir))
+    # The MLLM reads the instruction alone here (the official emulation below does too): one encoding
+    # then serves every prompt, which is what the warm-call numbers measure.
+    rp = refcond.from_pipe(pipe, "easyref", checkpoint=dict(checkpoint), **tiny_easyref_overrides(qwen2vl_dir, append_prompt=False))
     yield GenerationBench(rp, official_pipe, checkpoint, reference_images(3))
     rp.detach()
 

@@ -399,7 +399,7 @@ def _version(distribution: str) -> str | None:
 
 def check_reference_scale(unet: Any, scale: Any) -> None:
     """Refuse a ``reference_scale`` that is not a finite number or a valid per-block dict, before anything runs."""
-    layer_scales(unet, list(unet.attn_processors), scale)
+    layer_scales(unet, [], scale)  # validates the number or every block of the dict; no layer list needed
 
 
 def _weights_tensor(reference_weights: Sequence[Sequence[float]] | None, counts: Sequence[int]) -> torch.Tensor | None:
