@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 
 from refcond.building import Built, build, has_weights, roles
+from refcond.call_arguments import check_call, check_weights, reference_weight_rows
 from refcond.checkpoints.io import write_safetensors
 from refcond.checkpoints.native import metadata_for
 from refcond.config import Composition
@@ -192,6 +193,11 @@ class RefcondPipeline:
         """
         self._check_attached()
         check_reference_scale(self.backbone.unet, reference_scale)
+        for name, value in (("condition", condition), ("unconditional", unconditional)):
+            if value is not None and not isinstance(value, Condition):
+                raise ConfigError(f"bind(): {name} must be a refcond.Condition (what rp.encode returns) or None, got {type(value).__name__}.")
+        if unconditional is not None and condition is None:
+            raise ConfigError("bind(): an unconditional condition needs the condition it pairs with; pass both, or neither.")
         with ExitStack() as stack:
             for attachment in self._attachments:
                 stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
@@ -234,7 +240,21 @@ class RefcondPipeline:
         """
         self._check_attached()
         check_reference_scale(self.backbone.unet, reference_scale)
-        batch = _prompt_batch(prompt, pipeline_kwargs)
+        if prompt is None and getattr(self.encoder, "reads_prompt", False):
+            raise ConfigError("this composition's encoder reads the prompt with the references: pass prompt as text, not prompt_embeds.")
+        batch = check_call(
+            self.pipeline,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_images_per_prompt=num_images_per_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type=output_type,
+            kwargs=pipeline_kwargs,
+        )
+        prompt = list(prompt) if isinstance(prompt, tuple) else prompt  # diffusers takes lists
+        negative_prompt = list(negative_prompt) if isinstance(negative_prompt, tuple) else negative_prompt
         adapters = [a for a in self._attachments if isinstance(a, ReferenceAdapter)]
         condition: Condition | None = None
         unconditional: Condition | None = None
@@ -404,19 +424,20 @@ def check_reference_scale(unet: Any, scale: Any) -> None:
 
 def _weights_tensor(reference_weights: Sequence[Sequence[float]] | None, counts: Sequence[int]) -> torch.Tensor | None:
     """``[B, N_max]`` weights, zero-padded for smaller groups; each group's list must match its size."""
-    if reference_weights is None:
+    rows = reference_weight_rows(reference_weights)
+    if rows is None:
         return None
-    rows = [list(w) for w in reference_weights]
     if len(rows) != len(counts):
         raise ConfigError(f"reference_weights has {len(rows)} lists for {len(counts)} reference groups: give one list per group.")
+    checked = []
     for b, (row, count) in enumerate(zip(rows, counts)):
+        if isinstance(row, (str, bytes)) or not isinstance(row, Sequence):
+            raise ConfigError(f"reference_weights for group {b} must be a list of numbers, got {row!r}.")
         if len(row) != count:
             raise ConfigError(f"reference_weights for group {b} has {len(row)} weights, but the group has {count} references: give one weight per reference.")
+        checked.append(check_weights(row, b))
     width = max(counts)
-    try:
-        return torch.tensor([[float(w) for w in row] + [0.0] * (width - len(row)) for row in rows])
-    except (TypeError, ValueError):
-        raise ConfigError(f"reference_weights must be numbers, got {rows}.") from None
+    return torch.tensor([row + [0.0] * (width - len(row)) for row in checked])
 
 
 def _digest(image: PIL.Image.Image) -> str:
@@ -436,18 +457,14 @@ def _as_groups(references: Any, weights: Any) -> tuple[list[Any], list[list[floa
     groups = list(references) if _is_group_list(references) else [references]
     if weights is None:
         return groups, None
-    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence):
-        raise ConfigError(f"reference_weights must be a list of numbers (one per reference) or one such list per group, got {weights!r}.")
+    weights = reference_weight_rows(weights)
     weights = [list(w) for w in weights] if _is_group_list(weights) else [list(weights)] * len(groups)
     return groups, weights
 
 
-def _prompt_list(prompt: Any, batch: int) -> list[str]:
-    if isinstance(prompt, str):
-        return [prompt] * batch
-    if isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
-        return list(prompt)
-    raise ConfigError("this composition's encoder reads the prompt with the references: pass prompt as text, not prompt_embeds.")
+def _prompt_list(prompt: str | list[str], batch: int) -> list[str]:
+    """One prompt per image of the batch (``prompt`` was checked: a string or a list of strings)."""
+    return [prompt] * batch if isinstance(prompt, str) else list(prompt)
 
 
 def _encoder_prompts(encoder: Any, prompts: Sequence[str] | None, groups: int) -> tuple[str, ...] | None:
@@ -458,17 +475,6 @@ def _encoder_prompts(encoder: Any, prompts: Sequence[str] | None, groups: int) -
         given = "none" if prompts is None else str(len(prompts))
         raise ConfigError(f"the encoder reads the prompt with the references: pass one prompt per reference group ({groups}), got {given}.")
     return tuple(prompts)
-
-
-def _prompt_batch(prompt: Any, kwargs: Mapping[str, Any]) -> int:
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, (list, tuple)):
-        return len(prompt)
-    embeds = kwargs.get("prompt_embeds")
-    if embeds is not None:
-        return int(embeds.shape[0])
-    raise ConfigError("pass a prompt (a string or a list of strings), or prompt_embeds.")
 
 
 def from_pipe(

@@ -32,6 +32,8 @@ from typing import Any
 from refcond.errors import ConfigError
 
 PROCESSOR_SUFFIX = ".processor"
+#: The largest strength in magnitude: beyond it attention outputs overflow (to inf, then NaN images).
+MAX_STRENGTH = 1000.0
 #: The sides of a per-block strength.
 BLOCK_SIDES = ("down", "mid", "up")
 
@@ -168,4 +170,6 @@ def _number(value: Any, where: str) -> float:
     number = float(value)
     if not math.isfinite(number):
         raise ConfigError(f"{where} must be a finite number, got {number}: NaN or infinite strengths turn the image into NaN (negative strengths are allowed).")
+    if abs(number) > MAX_STRENGTH:
+        raise ConfigError(f"{where} is {number:g}; strengths lie within ±{MAX_STRENGTH:g} (beyond that the attention overflows). Typical values are 0 to 1.5.")
     return number

@@ -181,3 +181,67 @@ def test_a_users_own_attention_processor_is_not_silently_bypassed(sd15_pipe):
     with pytest.raises(refcond.ConfigError, match=r"runs attention processor UserProcessor.*set_default_attn_processor"):
         refcond.from_pipe(sd15_pipe, "ip-adapter")
     assert all(isinstance(p, UserProcessor) for p in sd15_pipe.unet.attn_processors.values())  # left as it was
+
+
+# -- every call argument is checked before anything runs (issue: bad input gets a clear error) ----
+
+
+@pytest.fixture
+def weighted(sd15_pipe):
+    rp = refcond.from_pipe(sd15_pipe, "ip-adapter", seed=0, aggregator="weighted-mean")
+    yield rp
+    rp.detach()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        ({"reference_scale": {"up": None}}, r"reference_scale up\.block_0 must be a number"),
+        ({"reference_scale": {None: 1.0}}, r"unknown block group\(s\) \['None'\]"),
+        ({"reference_scale": {"up": {3: 1.0}}}, r"up has no block\(s\) with attention layers named \['3'\]"),
+        ({"reference_scale": 1e38}, r"strengths lie within ±1000"),
+        ({"reference_weights": "12"}, r"reference_weights must be a list of numbers"),
+        ({"reference_weights": [1.0, None]}, r"reference_weights for group 0, reference 1 must be a number, got None"),
+        ({"reference_weights": [[1.0, 2.0], 3.0]}, r"must be a number, got \[1\.0, 2\.0\]"),
+        ({"reference_weights": 2.0}, r"reference_weights must be a list of numbers"),
+        ({"reference_weights": torch.tensor(2.0)}, r"reference_weights is a scalar"),
+        ({"reference_weights": [1e38, 1e38]}, r"weights are relative, so keep them within ±1e\+06"),
+        ({"num_images_per_prompt": -1}, r"num_images_per_prompt must be between 1 and 1024, got -1"),
+        ({"num_images_per_prompt": 0}, r"num_images_per_prompt must be between 1 and 1024, got 0"),
+        ({"num_images_per_prompt": 2**63}, r"num_images_per_prompt must be between 1 and 1024"),
+        ({"num_images_per_prompt": "2"}, r"num_images_per_prompt must be an integer, got '2'"),
+        ({"num_images_per_prompt": 2.0}, r"num_images_per_prompt must be an integer, got 2\.0"),
+        ({"num_images_per_prompt": None}, r"num_images_per_prompt must be an integer, got None"),
+        ({"prompt": []}, r"prompt is an empty list"),
+        ({"prompt": ["a cat", 3]}, r"prompt\[1\] is a int, not a string"),
+        ({"negative_prompt": ["blurry", "dark"]}, r"negative_prompt has 2 entries for 1 prompt\(s\)"),
+        ({"height": 36}, r"refuses these arguments: `height` and `width` have to be divisible by 8"),
+        ({"guidance_scale": float("nan")}, r"guidance_scale must be a finite number"),
+        ({"num_inference_step": 2}, r"takes no argument 'num_inference_step'\. Did you mean 'num_inference_steps'\?"),
+    ],
+    ids=lambda value: str(value)[:40],
+)
+def test_bad_call_arguments_are_config_errors(weighted, arguments, message):
+    arguments = {"prompt": "a cat", **arguments}
+    with pytest.raises(refcond.ConfigError, match=message):
+        _latents(weighted, arguments.pop("prompt"), reference_images(2), **arguments)
+
+
+def test_a_tuple_of_prompts_and_a_tensor_of_weights_are_accepted(weighted):
+    refs = reference_images(2)
+    as_tuple = _latents(weighted, ("a cat", "a dog"), refs, reference_weights=torch.tensor([2.0, 1.0]))
+    as_list = _latents(weighted, ["a cat", "a dog"], refs, reference_weights=[2.0, 1.0])
+    assert torch.equal(as_tuple, as_list)
+
+
+def test_bind_refuses_what_is_no_condition(weighted):
+    condition, _ = weighted.encode([reference_images(1)])
+    with pytest.raises(refcond.ConfigError, match=r"the cross-attention injector reads a condition"):
+        with weighted.bind(None):
+            pass
+    with pytest.raises(refcond.ConfigError, match=r"condition must be a refcond\.Condition .* got Tensor"):
+        with weighted.bind(condition.tokens):
+            pass
+    with pytest.raises(refcond.ConfigError, match=r"an unconditional condition needs the condition it pairs with"):
+        with weighted.bind(None, condition):
+            pass

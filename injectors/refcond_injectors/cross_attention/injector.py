@@ -187,6 +187,8 @@ class CrossAttentionAttachment:
         """
         if not self._attached:
             raise RefcondError("this cross-attention attachment was detached; attach the injector again.")
+        if condition is None:
+            raise ConfigError("the cross-attention injector reads a condition: bind what rp.encode(...) returned, not None.")
         if unconditional is not None and unconditional.batch_size != condition.batch_size:
             raise ConfigError(
                 f"the unconditional condition has {unconditional.batch_size} rows but the condition has {condition.batch_size}."
