@@ -9,6 +9,7 @@ layer removed, as the official code builds its trunk.
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -22,9 +23,10 @@ from refcond_encoders.mllm import (
     MllmEncoderConfig,
 )
 
-from refcond import MIXED_SOURCE, BuildContext, ConfigError
+import refcond
+from refcond import MIXED_SOURCE, BuildContext, ConfigError, ReferenceImageError, load_references
 from refcond.plugins import load_plugins
-from refcond.testing import check_encoder, reference_images
+from refcond.testing import check_encoder, reference_images, tiny_sdxl_pipeline
 from refcond.testing.qwen2vl import (
     MAX_PIXELS,
     MIN_PIXELS,
@@ -408,3 +410,55 @@ def test_bad_input_is_explained(encoder):
             tiny_qwen2vl_tokenizer(),
             MllmEncoderConfig(**TINY),
         )
+
+
+# -- references Qwen2-VL's image processor refuses: explained before anything runs ----------------
+
+
+@pytest.mark.parametrize("size", [(1, 300), (300, 1), (201, 1), (2, 2000)])
+def test_a_reference_too_elongated_for_qwen2vl(encoder, size):
+    width, height = size
+    strip = Image.new("RGB", size)
+    with pytest.raises(ReferenceImageError) as excinfo:  # was a bare ValueError from inside the image processor
+        encoder.encode([reference_images(1), [reference_images(1)[0], strip]])
+    message = str(excinfo.value)
+    assert message.startswith(f"encoder 'mllm': reference 1 of group 1 is {width}x{height} pixels, an aspect ratio of ")
+    assert "but Qwen2-VL's image processor takes at most 200:1. Crop the image, or pad it to a less elongated shape" in message
+
+
+def test_the_most_elongated_and_the_smallest_references_are_read(encoder):
+    for size in [(1, 200), (200, 1), (1, 1), (3, 2)]:  # the processor scales small images up to min_pixels
+        encoding = encoder.encode([[Image.new("RGB", size, (200, 30, 30))]])
+        assert torch.isfinite(encoding.tokens).all()
+
+
+def test_an_image_without_pixels_is_refused(encoder):
+    with pytest.raises(ReferenceImageError, match=r"^encoder 'mllm': reference 0 of group 0 has no pixels \(0 wide, 5 high\)"):
+        encoder.encode([[Image.new("RGB", (0, 5))]])
+
+
+def test_the_installed_image_processor_rule_is_checked_too(encoder, monkeypatch):
+    import refcond_encoders.mllm as mllm
+
+    monkeypatch.setattr(mllm, "MAX_ASPECT_RATIO", 10**6)  # refcond's own check lifted: the processor's rule, probed by size, still answers first
+    with pytest.raises(ReferenceImageError, match=r"is 1x300 pixels, a size Qwen2-VL's image processor refuses \(absolute aspect ratio must be smaller than 200"):
+        encoder.encode([[Image.new("RGB", (1, 300))]])
+
+
+def test_a_refused_reference_read_from_a_file_is_named_by_its_path(encoder, tmp_path):
+    path = tmp_path / "strip.png"
+    Image.new("RGB", (300, 1)).save(path)
+    with pytest.raises(ReferenceImageError, match=rf"^encoder 'mllm': reference 0 of group 0 \({re.escape(repr(str(path)))}\) is 300x1 pixels"):
+        encoder.encode([load_references(path)])
+
+
+def test_the_easyref_pipeline_refuses_it_before_generating(tiny_qwen2vl_dir):
+    from refcond_easyref.testing import tiny_easyref_overrides
+
+    rp = refcond.from_pipe(tiny_sdxl_pipeline(), "easyref", seed=0, **tiny_easyref_overrides(tiny_qwen2vl_dir))
+    processors = dict(rp.pipeline.unet.attn_processors)
+    with pytest.raises(ReferenceImageError, match=r"reference 0 of group 0 is 1x300 pixels, an aspect ratio of 300:1"):
+        rp("a toy", references=[Image.new("RGB", (1, 300))], num_inference_steps=1, output_type="latent")
+    assert rp.pipeline.unet.attn_processors == processors  # nothing left bound
+    latents = rp("a toy", references=[Image.new("RGB", (1, 200))], num_inference_steps=1, output_type="latent").images
+    assert torch.isfinite(latents).all()

@@ -10,11 +10,16 @@ from PIL.Image import Image
 from pydantic import Field
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-from refcond import BorrowedWeights, BuildContext, ComponentConfig, ConfigError, ReferenceEncoding
+from refcond import BorrowedWeights, BuildContext, ComponentConfig, ConfigError, ReferenceEncoding, ReferenceImageError
 
 # The Pillow image processor by name: transformers' CLIPImageProcessor needs torchvision and, without
 # it, warns at import and falls back to this one; with torchvision both give the same pixels.
 CLIPImageProcessor = CLIPImageProcessorPil
+
+#: The most elongated reference the encoder takes. CLIP's processor scales the short side to the
+#: model's size (224) before it crops the central square, so the long side grows with the ratio: a
+#: 1x20000 image would become 224x4480000 pixels (seconds and gigabytes for a 20000-pixel input).
+MAX_ASPECT_RATIO = 200
 
 
 class ClipEncoderConfig(ComponentConfig):
@@ -36,7 +41,8 @@ class ClipEncoderConfig(ComponentConfig):
 class ClipEncoder(torch.nn.Module):
     """CLIP vision encoder: pooled image embeddings or penultimate hidden states, one reference at a time.
 
-    All references of all groups run through CLIP in one batch. The CLIP model is borrowed (from the
+    All references of all groups run through CLIP in one batch; a reference more elongated than
+    ``MAX_ASPECT_RATIO`` (200:1) is refused before it runs. The CLIP model is borrowed (from the
     pipeline or the hub): it is not part of the module tree or of refcond checkpoints, which name it
     by source and content hash (:meth:`borrowed_weights`).
     """
@@ -96,6 +102,8 @@ class ClipEncoder(torch.nn.Module):
         return self.clip(pixels, output_hidden_states=True).hidden_states[self.config.hidden_layer]
 
     def encode(self, references: Sequence[Sequence[Image]]) -> ReferenceEncoding:
+        """Encode every reference of every group; refuses a reference over :data:`MAX_ASPECT_RATIO` before anything runs."""
+        _check_sizes(references)
         flat = [image for group in references for image in group]
         features = self._features(self._pixels(flat))
         return ReferenceEncoding.from_references(features, [len(group) for group in references])
@@ -110,3 +118,19 @@ class ClipEncoder(torch.nn.Module):
         counts = [len(group) for group in references]
         return ReferenceEncoding.from_references(blank.expand(sum(counts), -1, -1), counts)
 
+
+def _check_sizes(references: Sequence[Sequence[Image]]) -> None:
+    for b, group in enumerate(references):
+        for i, image in enumerate(group):
+            width, height = image.size
+            filename = getattr(image, "filename", None)
+            where = f"encoder 'clip': reference {i} of group {b}" + (f" ({filename!r})" if isinstance(filename, str) and filename else "")
+            if width < 1 or height < 1:
+                raise ReferenceImageError(f"{where} has no pixels ({width} wide, {height} high). Pass an image at least 1 pixel wide and high.")
+            ratio = max(width, height) / min(width, height)
+            if ratio > MAX_ASPECT_RATIO:
+                raise ReferenceImageError(
+                    f"{where} is {width}x{height} pixels, an aspect ratio of {ratio:.4g}:1, but the clip encoder takes at most "
+                    f"{MAX_ASPECT_RATIO}:1: CLIP's processor scales the short side up to its input size before it crops the central "
+                    "square, so the long side would grow to millions of pixels. Crop the image to the part CLIP should see."
+                )

@@ -38,6 +38,7 @@ from refcond import (
     ComponentConfig,
     ConfigError,
     ReferenceEncoding,
+    ReferenceImageError,
     weights_fingerprint,
 )
 
@@ -71,6 +72,10 @@ OFFICIAL_MIN_PIXELS = ((336 // 28 - 1) ** 2) * 28 * 28
 OFFICIAL_MAX_PIXELS = ((336 // 28) ** 2 + 1) * 28 * 28
 #: The image of the unconditional branch: a black 512x512 RGB image.
 UNCONDITIONAL_SIZE = 512
+#: The most elongated reference Qwen2-VL's image processor takes (its ``smart_resize`` refuses a
+#: longer side more than 200 times the shorter one); :meth:`MllmEncoder.inputs` refuses such a
+#: reference before anything runs.
+MAX_ASPECT_RATIO = 200
 
 _DTYPES = {
     "float32": torch.float32,
@@ -345,7 +350,12 @@ class MllmEncoder(torch.nn.Module):
 
         What the official ``processor(text=..., images=..., padding=True)`` produces, built from the
         tokenizer and image processor (transformers 5's processor needs torchvision for its video part).
+
+        :raises ReferenceImageError: a reference the image processor would refuse for its size (an
+            aspect ratio over :data:`MAX_ASPECT_RATIO`, or a size the installed processor's resize
+            rule rejects), checked before anything runs.
         """
+        self._check_sizes(groups)
         flat = [image for group in groups for image in group]
         size = {
             "shortest_edge": self.config.min_pixels,
@@ -389,6 +399,30 @@ class MllmEncoder(torch.nn.Module):
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
         }
+
+    def _check_sizes(self, groups: Sequence[Sequence[Image]]) -> None:
+        """Refuse a reference Qwen2-VL's image processor would refuse for its size, naming it, the limit and the fix."""
+        probe = getattr(self.image_processor, "get_number_of_image_patches", None)  # the installed processor's own resize rule
+        bounds = {"min_pixels": self.config.min_pixels, "max_pixels": self.config.max_pixels}
+        for b, group in enumerate(groups):
+            for i, image in enumerate(group):
+                width, height = image.size
+                where = f"encoder 'mllm': reference {i} of group {b}{_source(image)}"
+                if width < 1 or height < 1:
+                    raise ReferenceImageError(f"{where} has no pixels ({width} wide, {height} high). Pass an image at least 1 pixel wide and high.")
+                ratio = max(width, height) / min(width, height)
+                if ratio > MAX_ASPECT_RATIO:
+                    raise ReferenceImageError(
+                        f"{where} is {width}x{height} pixels, an aspect ratio of {ratio:.4g}:1, but Qwen2-VL's image processor takes at most "
+                        f"{MAX_ASPECT_RATIO}:1. Crop the image, or pad it to a less elongated shape (PIL.ImageOps.pad)."
+                    )
+                if probe is not None:
+                    try:
+                        probe(height, width, images_kwargs=bounds)
+                    except ValueError as exc:
+                        raise ReferenceImageError(
+                            f"{where} is {width}x{height} pixels, a size Qwen2-VL's image processor refuses ({exc}). Resize or crop the image."
+                        ) from None
 
     def image_features(
         self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor
@@ -499,4 +533,13 @@ def _check_groups(references: Sequence[Sequence[Image]]) -> list[list[Image]]:
                 raise ConfigError(
                     f"encoder 'mllm': reference {i} of group {b} is a {type(image).__name__}, not a PIL image; load it with refcond.images.load_references."
                 )
-    return [[image.convert("RGB") for image in group] for group in groups]
+    return [
+        [image if image.mode == "RGB" else image.convert("RGB") for image in group]
+        for group in groups
+    ]  # RGB images as they are: they keep the filename an error names
+
+
+def _source(image: Image) -> str:
+    """`` ('path')`` for an image read from a file (Pillow's and refcond's loaders set ``filename``), else nothing."""
+    filename = getattr(image, "filename", None)
+    return f" ({filename!r})" if isinstance(filename, str) and filename else ""
