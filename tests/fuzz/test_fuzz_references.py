@@ -18,6 +18,7 @@ import itertools
 import os
 import socket
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,9 @@ class Declared:
         if not self.lazy:
             return str(path)
         try:
-            return PIL.Image.open(path)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+                return PIL.Image.open(path)
         except Exception:  # noqa: BLE001 - Pillow refuses the header itself: then pass the path
             return str(path)
 
