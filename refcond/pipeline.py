@@ -130,7 +130,8 @@ class RefcondPipeline:
                 f"composition {self.composition.name or '(unnamed)'!r} has no encoder: its injectors "
                 f"({', '.join(s.name for s in self.composition.injectors)}) read no encoded condition."
             )
-        groups = [load_references(group) for group in references]
+        several = len(references) > 1
+        groups = [load_references(group, group=b if several else None) for b, group in enumerate(references)]
         weights = _weights_tensor(reference_weights, [len(group) for group in groups])
         prompts = _encoder_prompts(self.encoder, prompts, len(groups))
         if self.training:
