@@ -38,19 +38,28 @@ def split_references(encoding: ReferenceEncoding, index: int, aggregator: str | 
     return [tokens[source == ref] for ref in torch.unique(source, sorted=True)]
 
 
+#: The most default weights (references per group) a ``weighted-mean`` config lists.
+MAX_WEIGHTS = 1024
+#: The largest default weight: weights are relative, and a weighted sum of features stays finite
+#: in float16 (whose largest number is 65504) up to here.
+MAX_WEIGHT = 1000.0
+
+
 class MeanConfig(ComponentConfig):
     """Options of the ``weighted-mean`` aggregator."""
 
     weights: list[float] | None = Field(
         default=None,
-        description="Default weight of each reference (by position); the call's reference_weights override it. None = equal weights.",
+        max_length=MAX_WEIGHTS,
+        description="Default weight of each reference (by position); the call's reference_weights override it. None = equal weights. "
+        f"Finite, from 0 to {MAX_WEIGHT:g}, with a positive sum; at most {MAX_WEIGHTS} of them.",
     )
 
     @field_validator("weights")
     @classmethod
     def _non_negative(cls, value: list[float] | None) -> list[float] | None:
-        if value is not None and (any(not math.isfinite(w) or w < 0 for w in value) or sum(value) <= 0):
-            raise ValueError("weights must be finite and non-negative, with a positive sum")
+        if value is not None and (any(not math.isfinite(w) or not 0 <= w <= MAX_WEIGHT for w in value) or sum(value) <= 0):
+            raise ValueError(f"weights must be finite and non-negative, with a positive sum, and at most {MAX_WEIGHT:g} each")
         return value
 
 

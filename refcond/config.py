@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
+import reprlib
+import stat
 import sys
 import typing
 from collections.abc import Mapping
@@ -29,10 +33,24 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 
-class ComponentConfig(BaseModel):
-    """Base class of every component's configuration: unknown fields are errors, not ignored."""
+#: How deeply the values of a composition (or of overrides) may nest: a composition nests about six
+#: levels (roles, injectors, a spec, its config, a nested table such as ``layers``, per-block scales).
+MAX_NESTING = 32
+#: How many values (table entries and list items, all levels together) a composition or an override may hold.
+MAX_VALUES = 100_000
+#: The largest integer a configuration takes, in magnitude: torch's seeds and sizes fit in 64 bits.
+MAX_INTEGER = 2**64 - 1
+#: The largest composition file read, in bytes (a composition is a few hundred bytes).
+MAX_FILE_BYTES = 1024 * 1024
+#: The longest component or composition name.
+MAX_NAME_LENGTH = 200
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+class ComponentConfig(BaseModel):
+    """Base class of every component's configuration: unknown fields are errors, not ignored, and
+    float fields refuse NaN and infinities."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class EmptyConfig(ComponentConfig):
@@ -44,7 +62,7 @@ class ComponentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(description="Registered name of the component (see `refcond plugins`).")
+    name: str = Field(max_length=MAX_NAME_LENGTH, description="Registered name of the component (see `refcond plugins`).")
     config: dict[str, Any] = Field(default_factory=dict, description="Options, validated by the component's config model.")
 
 
@@ -65,7 +83,7 @@ class Composition(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str | None = Field(default=None, description="Name of the recipe this composition came from, if any.")
+    name: str | None = Field(default=None, max_length=MAX_NAME_LENGTH, description="Name of the recipe this composition came from, if any.")
     backbone: ComponentSpec | None = Field(default=None, description="Inferred from the pipeline when building from one.")
     encoder: ComponentSpec | None = Field(default=None, description="Turns the references into features; None for injectors that need none.")
     aggregator: ComponentSpec | None = Field(default=None, description="Turns the features into a condition; set exactly when encoder is.")
@@ -81,18 +99,39 @@ class Composition(BaseModel):
     @field_validator("backbone", "encoder", "aggregator", mode="before")
     @classmethod
     def _bare_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        return _spec_or_name(value, none_ok=True)
 
     @field_validator("injectors", mode="before")
     @classmethod
     def _bare_names(cls, value: Any) -> Any:
-        if isinstance(value, (str, Mapping)):
+        if value is None:
+            raise ValueError("a composition needs at least one injector, not None: e.g. injectors = ['cross-attention']")
+        if isinstance(value, (str, Mapping, ComponentSpec)):
             value = [value]
-        return [{"name": v} if isinstance(v, str) else v for v in value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(
+                f"injectors is a list of injectors (names, or tables with name and config), not a {type(value).__name__}: "
+                "e.g. injectors = ['cross-attention']"
+            )
+        return [_spec_or_name(v, none_ok=False) for v in value]
 
     @classmethod
-    def parse(cls, data: Mapping[str, Any], where: str = "composition") -> Composition:
-        """Validate a dict, turning pydantic's errors into one :class:`ConfigError` naming the fields."""
+    def parse(cls, data: Any, where: str = "composition") -> Composition:
+        """Validate a dict, turning pydantic's errors into one :class:`ConfigError` naming the fields.
+
+        Anything but a mapping (a list, a number, text) is refused, and so are values no
+        composition holds: nesting deeper than :data:`MAX_NESTING`, more than :data:`MAX_VALUES`
+        values, integers beyond :data:`MAX_INTEGER`, NaN and infinities.
+        """
+        if isinstance(data, Composition):
+            return data
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{where}: a composition is a table (a dict, a JSON object) of roles, not {_kind(data)}. Write it as "
+                "{'encoder': 'clip', 'aggregator': 'mean', 'injectors': ['cross-attention']}, or name a registered composition "
+                "such as 'ip-adapter' (`refcond plugins` lists them)."
+            )
+        check_values(data, where)
         try:
             return cls.model_validate(dict(data))
         except ValidationError as exc:
@@ -100,20 +139,42 @@ class Composition(BaseModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> Composition:
-        """Read a composition from a ``.toml`` or ``.json`` file."""
+        """Read a composition from a ``.toml`` or ``.json`` file (a regular file of at most :data:`MAX_FILE_BYTES`)."""
         path = Path(path)
-        if path.suffix.lower() not in (".toml", ".json"):
+        suffix = path.suffix.lower()
+        if suffix not in (".toml", ".json"):
             raise ConfigError(f"composition file {str(path)!r} must end in .toml or .json, not {path.suffix or 'nothing'!r}.")
+        kind = "TOML" if suffix == ".toml" else "JSON"
         try:
-            text = path.read_text(encoding="utf-8")
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a folder, a pipe or a device: never opened
+                raise ConfigError(f"composition file {str(path)!r} is not a regular file: give the path of a .toml or .json file.")
+            with open(path, "rb") as file:
+                raw = file.read(MAX_FILE_BYTES + 1)
         except OSError as exc:
             raise ConfigError(f"cannot read composition file {str(path)!r}: {exc.strerror or exc}") from None
+        if len(raw) > MAX_FILE_BYTES:
+            raise ConfigError(
+                f"composition file {str(path)!r} is larger than {MAX_FILE_BYTES // 1024} KiB; a composition is a few lines. "
+                "Check that the path names the composition, not a checkpoint or an image."
+            )
+        try:
+            text = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise ConfigError(f"composition file {str(path)!r} is not UTF-8 text.") from None
         try:
-            data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
-        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"{path}: not valid {'TOML' if path.suffix.lower() == '.toml' else 'JSON'}: {exc}") from None
+            data = tomllib.loads(text) if kind == "TOML" else json.loads(text)
+        except RecursionError:
+            raise ConfigError(f"{path}: not valid {kind}: nested more than {MAX_NESTING} levels deep; a composition nests a few.") from None
+        except ValueError as exc:  # the decoders' errors, and integers too long to convert
+            reason = str(exc)
+            if "integer string conversion" in reason:  # Python's own limit, not the file's syntax
+                reason = f"it holds an integer of more than 4300 digits; configurations take integers of at most {len(str(MAX_INTEGER))} digits"
+            raise ConfigError(f"{path}: not valid {kind}: {reason}") from None
+        if not isinstance(data, Mapping):
+            raise ConfigError(
+                f"{path}: the file holds {_kind(data)}, but a composition is a {'table of keys' if kind == 'TOML' else 'JSON object'} "
+                "with 'injectors' (and 'encoder', 'aggregator', 'backbone', 'name' as needed)."
+            )
         return cls.parse(data, where=str(path))
 
     def specs(self) -> list[tuple[str, Kind, ComponentSpec]]:
@@ -142,20 +203,23 @@ class Composition(BaseModel):
         override naming another component replaces the role. ``injectors`` may be a list (replaces
         them all) or a dict ``{index or name: override}``.
         """
+        if not isinstance(overrides, Mapping):
+            raise ConfigError(f"overrides are a dict of roles (e.g. {{'aggregator': 'concat'}}), not {_kind(overrides)}.")
+        check_values(overrides, "overrides")
         data = self.model_dump()
         for role, override in overrides.items():
             if role not in ROLES and role != "name":
-                raise ConfigError(f"unknown composition role {role!r}.{did_you_mean(role, ROLES)} Roles: {', '.join(ROLES)}.")
+                raise ConfigError(f"unknown composition role {_short(role)}.{did_you_mean(str(role), ROLES)} Roles: {', '.join(ROLES)}.")
             if role == "name":
                 data["name"] = override
             elif role == "injectors" and isinstance(override, Mapping):
                 for key, item in override.items():
                     i = _injector_index(key, data["injectors"])
-                    data["injectors"][i] = _merge_spec(data["injectors"][i], item)
+                    data["injectors"][i] = _merge_spec(data["injectors"][i], item, f"injectors[{i}]")
             elif role == "injectors":
                 data["injectors"] = override
             else:
-                data[role] = None if override is None else _merge_spec(data[role], override)  # None removes the role
+                data[role] = None if override is None else _merge_spec(data[role], override, role)  # None removes the role
         return Composition.parse(data)
 
     def resolved(self, configs: Mapping[str, BaseModel]) -> Composition:
@@ -176,30 +240,174 @@ class Composition(BaseModel):
         return Composition.parse(data)
 
 
-def _injector_index(key: int | str, injectors: list[dict[str, Any]]) -> int:
+def _injector_index(key: Any, injectors: list[dict[str, Any]]) -> int:
     """An injector addressed by position (``0``, ``"0"``) or by component name (``"cross-attention"``)."""
     names = [spec["name"] for spec in injectors]
-    if isinstance(key, int) or str(key).isdigit():
+    if isinstance(key, bool) or not isinstance(key, (int, str)):
+        raise ConfigError(
+            f"injectors are addressed by position (0, '0') or by component name ('cross-attention'), not by {_kind(key)}. Its injectors: {names}."
+        )
+    if isinstance(key, int) or (key.isascii() and key.isdigit()):
         i = int(key)
         if 0 <= i < len(injectors):
             return i
         raise ConfigError(f"injectors[{i}] does not exist: the composition has {len(injectors)} injector(s): {names}.")
     if key in names:
         return names.index(key)
-    raise ConfigError(f"the composition has no injector {key!r}.{did_you_mean(str(key), names)} Its injectors: {names}.")
+    raise ConfigError(f"the composition has no injector {_short(key)}.{did_you_mean(key, names)} Its injectors: {names}.")
 
 
-def _merge_spec(current: dict[str, Any] | None, override: Any) -> dict[str, Any]:
+#: What an override of one role may hold.
+_SPEC_KEYS = ("name", "config")
+
+
+def _merge_spec(current: dict[str, Any] | None, override: Any, role: str = "role") -> dict[str, Any]:
     if isinstance(override, str):
         override = {"name": override}
     if isinstance(override, BaseModel):
         override = override.model_dump()
+    if not isinstance(override, Mapping):
+        raise ConfigError(
+            f"the override of {role} is {_kind(override)}: give a component name ('concat'), a dict with 'name' and/or "
+            "'config' ({'config': {'scale': 0.5}}), or None to remove the role."
+        )
     override = dict(override)
-    if current is None or override.get("name", current["name"]) != current["name"]:
-        return {"name": override.get("name"), "config": dict(override.get("config", {}))}
+    unknown = [key for key in override if key not in _SPEC_KEYS]
+    if unknown:
+        raise ConfigError(
+            f"the override of {role} has unknown key {_short(unknown[0])}.{did_you_mean(str(unknown[0]), _SPEC_KEYS)} "
+            "An override holds 'name' (another component) and/or 'config' (its options)."
+        )
+    config = override.get("config", {})
+    if config is None:
+        config = {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"the config of the {role} override is {_kind(config)}: give a dict of options, e.g. {{'scale': 0.5}}.")
+    name = override.get("name", None if current is None else current["name"])
+    if name is not None and not isinstance(name, str):
+        raise ConfigError(f"the name in the {role} override is {_kind(name)}: give a registered component name (`refcond plugins` lists them).")
+    if current is None or name != current["name"]:
+        return {"name": name, "config": dict(config)}
     merged = copy.deepcopy(current)
-    merged["config"] = merge_nested(merged.get("config", {}), override.get("config", {}))
+    merged["config"] = merge_nested(merged.get("config", {}), config)
     return merged
+
+
+def _spec_or_name(value: Any, *, none_ok: bool) -> Any:
+    """A role as given in a composition: a bare name becomes ``{"name": ...}``; anything but a table is refused."""
+    if isinstance(value, str):
+        return {"name": value}
+    if (value is None and none_ok) or isinstance(value, (Mapping, ComponentSpec)):
+        return value
+    raise ValueError(
+        f"a role is a registered component name (e.g. 'mean') or a table with name and config "
+        f"(e.g. {{name = 'cross-attention', config = {{scale = 0.5}}}}), not {_kind(value)}"
+    )
+
+
+def check_values(data: Any, where: str) -> None:
+    """Refuse values no configuration holds, before anything walks them recursively.
+
+    Nesting deeper than :data:`MAX_NESTING` (or a table that contains itself), more than
+    :data:`MAX_VALUES` values, integers beyond :data:`MAX_INTEGER` in magnitude (in values or keys),
+    NaN and infinities: each raises :class:`ConfigError` naming ``where`` and the path of the value.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    seen = 0
+    while stack:
+        value, path, depth = stack.pop()
+        seen += 1
+        here = f"{where}: {path or 'the value'}"
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{where}: more than {MAX_VALUES} values; a composition holds a few dozen. Check what was passed.")
+        if isinstance(value, bool) or value is None or isinstance(value, str):
+            continue
+        if isinstance(value, int):
+            if abs(value) > MAX_INTEGER:
+                raise ConfigError(f"{here} is an integer of {_digits(value)} digits; configurations take integers of at most {len(str(MAX_INTEGER))} digits.")
+            continue
+        if isinstance(value, float):
+            if not math.isfinite(value):
+                raise ConfigError(f"{here} is {value}; configurations take finite numbers only.")
+            continue
+        if isinstance(value, (Mapping, list, tuple)):
+            if depth >= MAX_NESTING:
+                raise ConfigError(
+                    f"{here} is nested more than {MAX_NESTING} levels deep (or contains itself); a composition nests a few levels."
+                )
+            items = value.items() if isinstance(value, Mapping) else enumerate(value)
+            for key, item in items:
+                if isinstance(key, int) and not isinstance(key, bool) and abs(key) > MAX_INTEGER:
+                    raise ConfigError(f"{here} has a key that is an integer of {_digits(key)} digits; keys are names or positions.")
+                stack.append((item, f"{path}.{_key(key)}" if path else _key(key), depth + 1))
+
+
+def _key(key: Any) -> str:
+    return _short(key) if not isinstance(key, (str, int)) or isinstance(key, bool) else str(key)[:80]
+
+
+def _digits(value: int) -> int:
+    """The number of decimal digits of ``value``, without converting it to text (which Python refuses beyond 4300 digits)."""
+    value = abs(value)
+    estimate = max(1, int(value.bit_length() * math.log10(2)))  # the digits, or one fewer
+    return estimate + 1 if value >= 10**estimate else estimate
+
+
+def _kind(value: Any) -> str:
+    """``a list ([1, 2])``: the type and a short repr of a value, for messages."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    return f"{article} {name} ({_short(value)})"
+
+
+class _ShortRepr(reprlib.Repr):
+    """reprlib's bounded repr, also for integers too long for Python to convert to text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maxlevel, self.maxstring, self.maxother, self.maxlong = 3, 60, 60, 40
+        self.maxdict = self.maxlist = self.maxtuple = self.maxset = 6
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 256:
+            return f"<an integer of {_digits(x)} digits>"
+        return super().repr_int(x, level)
+
+
+def _short(value: Any) -> str:
+    """A repr of ``value`` of at most about 100 characters, whatever its size or nesting."""
+    try:
+        return _ShortRepr().repr(value)
+    except Exception:  # noqa: BLE001 - a third party's __repr__ may fail; the message must not
+        return f"<a {type(value).__name__}>"
+
+
+def check_model_source(model: str, who: str) -> None:
+    """Refuse, before anything loads, a model that is neither a folder that exists nor a valid hub id.
+
+    ``who`` names the field in the message (e.g. ``"backbone 'sd15': config model"``). A valid hub
+    id that does not exist is left to the loader (which needs the network, or the local cache).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return
+        exists = path.exists()
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system, a home folder that cannot be found
+        raise ConfigError(f"{who} is {_short(model)}, which cannot be a folder here ({getattr(exc, 'strerror', None) or exc}); give a folder or a hub id.") from None
+    if exists:
+        raise ConfigError(f"{who} is {model!r}, a file: give the folder that holds the model (with its config.json), or a Hugging Face hub id.")
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ConfigError(
+            f"{who} is {_short(model)}: no such folder exists, and it is not a valid Hugging Face hub id ('organisation/name'). "
+            "Check the path (relative paths start from the current folder), or give a hub id."
+        ) from None
 
 
 def merge_nested(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -221,6 +429,9 @@ def validate_config(model: type[BaseModel] | None, values: Mapping[str, Any] | B
         return values
     if isinstance(values, BaseModel):
         values = values.model_dump()
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"invalid configuration for {where}: the config is {_kind(values)}; give a dict of options, e.g. {{'scale': 0.5}}.")
+    check_values(values, f"configuration of {where}")
     try:
         return model.model_validate(dict(values))
     except ValidationError as exc:
@@ -240,7 +451,8 @@ def _describe(exc: ValidationError, where: str, model: type[BaseModel]) -> str:
         elif error["type"] == "missing":
             lines.append(f"  - missing required field {loc!r}.")
         else:
-            lines.append(f"  - {loc}: {error['msg']} (got {error.get('input')!r})")
+            message = error["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(f"  - {loc}: {message} (got {_short(error.get('input'))})")
     return "\n".join(lines)
 
 

@@ -168,3 +168,10 @@ def test_weights_in_the_config_are_validated_when_the_composition_is(registry):
         make(registry, "weighted-mean", weights=[1.0, -2.0])
     assert "aggregator 'weighted-mean'" in str(excinfo.value)
     assert "weights must be finite and non-negative, with a positive sum" in str(excinfo.value)
+
+
+@pytest.mark.parametrize("weights", [[1e308, 1e308], [1.0, 1001.0], list(range(2000))], ids=["overflowing-sum", "huge", "too-many"])
+def test_config_weights_are_bounded_so_the_weighted_sum_stays_finite(registry, weights):
+    with pytest.raises(ConfigError, match=r"aggregator 'weighted-mean'.*\n  - weights: "):
+        make(registry, "weighted-mean", weights=weights)
+    assert make(registry, "weighted-mean", weights=[1000.0, 1.0]).default_weights == [1000.0, 1.0]

@@ -353,3 +353,41 @@ def test_generate_with_the_same_seed_gives_the_same_fresh_weights(model_dir, ref
 def test_generate_refuses_a_device_this_machine_lacks_in_one_line(model_dir, ref_args, tmp_path, device, fragment):
     result = invoke("generate", "-m", model_dir, *ref_args, "--device", device, "-o", tmp_path / "o.png")
     assert_clean_error(result, 2, fragment)
+
+
+# -- --set values no configuration holds: one Error line, before the model loads ----------------
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("injectors.0.scale=NaN", "NaN is not a number a configuration takes"),
+        ("injectors.0.scale=-Infinity", "-Infinity is not a number a configuration takes"),
+        ("injectors.0.scale=[1, NaN]", "NaN is not a number a configuration takes"),
+        ("injectors.0.num_tokens=" + "9" * 5000, "holds an integer too long to read"),
+        ("injectors.0.scale=" + "[" * 100_000 + "]" * 100_000, "the value is nested too deeply"),
+        ("injectors.0.scale=" + "[" * 40 + "]" * 40, "nested more than 32 levels deep"),
+        ("injectors.0.num_tokens=" + "9" * 30, "is an integer of 30 digits"),
+        ("injectors.0.num_tokens=100000000000", "num_tokens: Input should be less than or equal to 4096"),
+        ("injectors.0.resampler_depth=9223372036854775807", "resampler_depth: Input should be less than or equal to 64"),
+        ("injectors.0.scale=nan", "scale: Input should be a finite number"),
+        ("encoder.model=./missing", "is not a folder that exists, and not a valid Hugging Face hub id"),
+        ("encoder." + ".".join(["a"] * 40) + "=1", "nested more than 32 levels deep"),
+    ],
+    ids=["nan", "inf", "nan-in-list", "5000-digits", "deep-json", "nested-json", "30-digits", "tokens", "depth", "nan-text",
+         "missing-folder", "deep-key"],
+)  # fmt: skip
+def test_generate_refuses_set_values_no_configuration_holds_in_one_line(model_dir, ref_args, tmp_path, value, fragment):
+    result = invoke("generate", "--model", model_dir, *ref_args, "--set", value, "--steps", 1, "--out", tmp_path / "o.png", "--quiet")
+    assert result.exit_code in (1, 2), result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and fragment in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_set_values_that_are_quoted_json_strings_stay_text():
+    assert parse_overrides(['encoder.instruction="NaN"', "encoder.output=hidden_states"]) == {
+        "encoder": {"config": {"instruction": "NaN", "output": "hidden_states"}}
+    }

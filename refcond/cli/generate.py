@@ -68,15 +68,35 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
             if not isinstance(inner, dict):
                 raise click.BadParameter(f"{item!r}: {part!r} was set to a value by an earlier --set; it cannot also hold fields.", param_hint="'--set'")
             config = inner
-        config[rest[-1]] = _value(raw)
+        config[rest[-1]] = _value(raw, item)
     return overrides
 
 
-def _value(raw: str) -> Any:
+def _value(raw: str, item: str | None = None) -> Any:
+    """A ``--set`` value: JSON when it parses, else the text itself.
+
+    JSON's non-finite numbers (``NaN``, ``Infinity``), integers of more than 4300 digits and values
+    nested too deeply for the parser are refused with :class:`click.BadParameter`; the other limits
+    (nesting, integer size) are the composition's own, checked when the overrides apply.
+    """
+    where = repr(item if item is not None else raw)
+    if len(where) > 120:
+        where = where[:100] + "...'"
+
+    def refuse_constant(name: str) -> Any:
+        raise click.BadParameter(
+            f"{where}: {name} is not a number a configuration takes; give a finite number, or a JSON string ('\"{name}\"') for the text.",
+            param_hint="'--set'",
+        )
+
     try:
-        return json.loads(raw)
+        return json.loads(raw, parse_constant=refuse_constant)
     except json.JSONDecodeError:
         return raw
+    except RecursionError:
+        raise click.BadParameter(f"{where}: the value is nested too deeply; a configuration nests a few levels.", param_hint="'--set'") from None
+    except ValueError:  # Python refuses to read integers of more than 4300 digits
+        raise click.BadParameter(f"{where}: the value holds an integer too long to read; configurations take integers of at most 20 digits.", param_hint="'--set'") from None
 
 
 def _parse_scale(ctx: click.Context, param: click.Parameter, value: str | None) -> float | dict[str, Any]:
