@@ -347,3 +347,71 @@ def test_pickle_files_need_an_explicit_opt_in(tmp_path: Path) -> None:
     from_bin.detach()
     from_safetensors = refcond.from_pipe(pipe, "ip-adapter", checkpoint=_write(tmp_path, state))
     assert torch.equal(_generate(from_safetensors, references=reference_images(2)), latents)
+
+
+# -- sizes are bounded before anything is allocated --------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"num_tokens": 10**11}, r"num_tokens: Input should be less than or equal to 4096"),
+        ({"projector": "mlp", "mlp_hidden_dim": 2**31}, r"mlp_hidden_dim: Input should be less than or equal to 65536"),
+        ({"projector": "resampler", "resampler_depth": 2**63 - 1}, r"resampler_depth: Input should be less than or equal to 64"),
+        ({"projector": "resampler", "resampler_dim": 65536, "resampler_depth": 64}, r"the resampler projector would have about 3\.3e\+03 billion parameters"),
+        ({"projector": "linear", "num_tokens": 4096}, r"the linear projector would have about 17\.2 billion parameters \(sizes left None counted at 2048\)"),
+        ({"scale": float("inf")}, r"scale is inf; configurations take finite numbers only"),
+        ({"scale": 1e6}, r"scale: Input should be less than or equal to 100"),
+    ],
+    ids=["tokens", "mlp-hidden", "depth", "resampler-product", "linear-product", "inf-scale", "huge-scale"],
+)
+def test_sizes_beyond_the_bounds_are_refused_before_anything_is_allocated(config: dict[str, Any], message: str) -> None:
+    pipe = tiny_sd15_pipeline()
+    processors = dict(pipe.unet.attn_processors)
+    with pytest.raises(ConfigError, match=message):
+        refcond.from_pipe(pipe, "ip-adapter", seed=0, injectors={0: {"config": config}})
+    assert dict(pipe.unet.attn_processors) == processors
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"projector": "linear", "num_tokens": 7},
+        {"projector": "mlp", "mlp_hidden_dim": 40},
+        {"projector": "mlp"},
+        {"projector": "resampler", "num_tokens": 3, "resampler_depth": 2, "resampler_dim": 24, "resampler_heads": 3, "resampler_dim_head": 5},
+        {"projector": "resampler", "resampler_ff_mult": 2},
+    ],
+    ids=["linear", "mlp", "mlp-default", "resampler", "resampler-default"],
+)
+def test_the_parameter_count_checked_before_building_is_the_built_projectors(config: dict[str, Any]) -> None:
+    from refcond_injectors.cross_attention.config import CrossAttentionConfig
+
+    pipe = tiny_sd15_pipeline()
+    encoder = "hidden_states" if config["projector"] == "resampler" else "image_embeds"
+    rp = refcond.from_pipe(pipe, "ip-adapter", seed=0, encoder={"config": {"output": encoder}}, injectors={0: {"config": config}})
+    try:
+        projector = rp.injectors[0].projector
+        built = sum(p.numel() for p in projector.parameters())
+        counted = CrossAttentionConfig(**config).projector_parameters(rp.injectors[0].input_dim, pipe.unet.config.cross_attention_dim)
+        assert counted == built
+    finally:
+        rp.detach()
+
+
+def test_the_published_adapters_fit_the_bounds_with_room_to_spare() -> None:
+    from refcond_injectors.cross_attention.config import MAX_PROJECTOR_PARAMETERS, CrossAttentionConfig
+
+    published = {  # (config, input dim, output dim): IP-Adapter SD1.5 / SDXL, Plus SDXL, Full-face, EasyRef's MLP
+        "ip-adapter_sd15": ({"num_tokens": 4, "input_dim": 1024}, 1024, 768),
+        "ip-adapter_sdxl": ({"num_tokens": 4, "input_dim": 1280}, 1280, 2048),
+        "ip-adapter-plus_sdxl_vit-h": (
+            {"projector": "resampler", "num_tokens": 16, "input_dim": 1280, "resampler_dim": 1280, "resampler_heads": 20}, 1280, 2048
+        ),
+        "ip-adapter-full-face_sd15": ({"projector": "mlp", "input_dim": 1280, "mlp_hidden_dim": 1280}, 1280, 768),
+        "easyref": ({"projector": "mlp", "input_dim": 1536, "mlp_hidden_dim": 2048}, 1536, 2048),
+    }
+    for name, (config, input_dim, output_dim) in published.items():
+        count = CrossAttentionConfig(**config).projector_parameters(input_dim, output_dim)
+        assert count * 5 < MAX_PROJECTOR_PARAMETERS, name
+    assert CrossAttentionConfig(projector="resampler").projector_parameters() < MAX_PROJECTOR_PARAMETERS  # a fresh SDXL-sized resampler

@@ -302,7 +302,7 @@ def test_fusing_over_the_users_unfused_lora_is_refused(tmp_path, sd15_pipe):
     [
         ({"up": {"block_7": 1.0}}, r"up has no block\(s\) with attention layers named \['block_7'\].*are \['block_0', 'block_1'\]"),
         ({"up": {"block_1": [1.0, 0.5, 0.2]}}, r"up\.block_1: the block has 2 transformer\(s\), so give 1 or 2 values, got 3"),
-        ({"mid": float("nan")}, r"mid must be a finite number, got nan"),
+        ({"mid": float("nan")}, r"loras\.0\.scale\.mid is nan; configurations take finite numbers only"),
     ],
 )
 def test_a_bad_per_block_weight_is_a_config_error_and_leaves_the_pipeline_untouched(sd15_pipe, sd15_lora, scale, message):
@@ -516,3 +516,42 @@ def test_lora_layer_targets_and_weights_are_checked(tmp_path: Path) -> None:
     with pytest.raises(refcond.CheckpointError, match=rf"{re.escape(key)}: expected shape \(2, \d+\), got \(3, \d+\)"):
         refcond.load(path, pipe)
     assert not getattr(pipe.unet, "peft_config", None)
+
+
+# -- sizes and weights are bounded and finite before anything is allocated ------------------------
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"layers": {"rank": 2**40}}, r"layers\.rank: Input should be less than or equal to 1024"),
+        ({"layers": {"rank": 2, "scale": float("nan")}}, r"layers\.scale is nan; configurations take finite numbers only"),
+        ({"layers": {"rank": 2, "scale": 1e9}}, r"layers\.scale: Input should be less than or equal to 100"),
+        ({"layers": {"rank": 2, "targets": ["to_q"] * 100}}, r"layers\.targets: List should have at most 64 items"),
+        ({"loras": [{"path": "x.safetensors", "scale": 1e300}]}, r"loras\.0\.scale: scale is 1e\+300; LoRA weights are finite numbers from -100 to 100"),
+        ({"loras": [{"path": "x.safetensors", "scale": {"up": {"block_0": [1.0, 1e6]}}}]}, r"scale\.up\.block_0\.1 is 1000000\.0; LoRA weights are finite"),
+        ({"loras": [{"path": "x.safetensors", "scale": {"up": {"block_0": [[1.0]]}}}]}, r"scale\.up\.block_0\.0 must be a number, or per block as"),
+        ({"loras": [{"path": "x.safetensors", "text_encoder_scale": -1e4}]}, r"text_encoder_scale: Input should be greater than or equal to -100"),
+        ({"tuning": {"steps": 10**12}}, r"tuning: invalid TuningConfig:\n  - steps: Input should be less than or equal to 100000"),
+    ],
+    ids=["rank", "nan-scale", "huge-scale", "targets", "file-scale", "block-scale", "block-depth", "text-scale", "tuning-steps"],
+)
+def test_lora_sizes_and_weights_beyond_the_bounds_are_config_errors(config: dict[str, Any], message: str) -> None:
+    pipe = tiny_sd15_pipeline()
+    before = pipeline_state(pipe)
+    with pytest.raises(refcond.ConfigError, match=message):
+        refcond.from_pipe(pipe, lora_only(**config))
+    assert not differences(before, pipeline_state(pipe))
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{"path": "x" * 300}, {"path": str(Path("/tmp") / ("y" * 256) / "lora.safetensors")}, {"path": "/tmp", "weight_name": "z" * 300}, {"path": "a\x00b"}],
+    ids=["long-file", "long-folder", "long-weight-name", "nul"],
+)
+def test_a_path_no_file_system_holds_is_a_config_error(source: dict[str, Any]) -> None:
+    pipe = tiny_sd15_pipeline()
+    with pytest.raises(refcond.ConfigError, match=r"loras\.0\.(path|weight_name): (the name '.*'\.\.\. is \d+ bytes long; file systems take names of at most 255|a path cannot hold a NUL)"):
+        refcond.from_pipe(pipe, lora_only(source))
+    with pytest.raises(refcond.ConfigError, match=r"output_dir: the name '.*'\.\.\. is 300 bytes long"):
+        refcond.from_pipe(pipe, lora_only(tuning={"output_dir": "w" * 300}))

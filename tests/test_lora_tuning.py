@@ -462,3 +462,25 @@ def test_docs_examples_run(tmp_path, monkeypatch):
         ran += 1
     assert ran >= 4
     assert not hasattr(pipe.unet, "peft_config") or not pipe.unet.peft_config, "the examples leave no adapter behind"
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"steps": 2**63}, r"steps: Input should be less than or equal to 100000"),
+        ({"rank": 10**6}, r"rank: Input should be less than or equal to 1024"),
+        ({"resolution": 8 * 10**6}, r"resolution: Input should be less than or equal to 2048"),
+        ({"batch_size": 10**9}, r"batch_size: Input should be less than or equal to 64"),
+        ({"learning_rate": float("nan")}, r"learning_rate: Input should be a finite number"),
+        ({"learning_rate": float("inf")}, r"learning_rate: Input should be a finite number"),
+        ({"learning_rate": 1e300}, r"learning_rate: Input should be less than or equal to 1"),
+        ({"alpha": float("inf")}, r"alpha: Input should be a finite number"),
+        ({"prior_loss_weight": float("nan")}, r"prior_loss_weight: Input should be a finite number"),
+        ({"num_class_images": 10**9}, r"num_class_images: Input should be less than or equal to 1000"),
+        ({"seed": 10**5000}, r"seed: Input should be less than or equal to 18446744073709551615 \(got <an integer of about 5001 digits>\)"),
+    ],
+    ids=["steps", "rank", "resolution", "batch", "nan-lr", "inf-lr", "huge-lr", "alpha", "loss-weight", "class-images", "seed"],
+)
+def test_tuning_options_beyond_their_bounds_are_config_errors(options, message):
+    with pytest.raises(ConfigError, match=message):
+        TuningConfig(**options)

@@ -462,3 +462,31 @@ def test_the_easyref_pipeline_refuses_it_before_generating(tiny_qwen2vl_dir):
     assert rp.pipeline.unet.attn_processors == processors  # nothing left bound
     latents = rp("a toy", references=[Image.new("RGB", (1, 200))], num_inference_steps=1, output_type="latent").images
     assert torch.isfinite(latents).all()
+
+
+def test_pixel_bounds_are_bounded_so_no_reference_is_resized_beyond_memory():
+    for field in ("min_pixels", "max_pixels"):
+        with pytest.raises(ValueError, match=rf"{field}\n  Input should be less than or equal to 3211264"):
+            MllmEncoderConfig(**{field: 10**12})
+    assert MllmEncoderConfig(max_pixels=4096 * 28 * 28).max_pixels == 3211264  # 4096 MLLM tokens per reference
+
+
+def test_a_missing_model_folder_is_named_before_the_hub_id_check(tmp_path):
+    missing = tmp_path / "qwen2vl"
+    with pytest.raises(ConfigError, match=r"encoder 'mllm': config model '.*qwen2vl' is not a folder that exists, and not a valid Hugging Face hub id"):
+        MllmEncoder.from_config(MllmEncoderConfig(**{**TINY, "model": str(missing)}), BuildContext())
+    missing.mkdir()  # a folder that exists, but holds no model
+    with pytest.raises(ConfigError, match=r"encoder 'mllm': cannot load Qwen2VLForConditionalGeneration from config model '.*qwen2vl'"):
+        MllmEncoder.from_config(MllmEncoderConfig(**{**TINY, "model": str(missing)}), BuildContext())
+
+
+@pytest.mark.parametrize(("device", "message"), [("0", "'0' is not a device"), ("quantum", "'quantum' is not a device")])
+def test_a_device_that_is_not_one_is_refused_by_the_config(device, message):
+    with pytest.raises(ValueError, match=message):
+        MllmEncoderConfig(device=device)
+
+
+def test_a_device_this_machine_lacks_is_refused_before_loading(tmp_path):
+    absent = f"cuda:{torch.cuda.device_count() + 3}"
+    with pytest.raises(ConfigError, match=rf"encoder 'mllm': config device '{absent}' is not available on this machine"):
+        MllmEncoder.from_config(MllmEncoderConfig(**{**TINY, "model": str(tmp_path), "device": absent}), BuildContext())

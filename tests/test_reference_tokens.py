@@ -384,3 +384,14 @@ def test_bad_input_is_explained(parts):
     with pytest.raises(ConfigError, match="tokens of size 64"):
         aggregator(make_encoding([2], dim=8, mixed=True))
     assert aggregator.output_dim(999) == aggregator.hidden_size
+
+
+def test_the_number_of_reference_tokens_is_bounded_before_anything_is_allocated():
+    plugins = load_plugins()
+    entry = plugins.registry.get("aggregator", "reference-tokens")
+    from refcond.config import validate_config
+
+    for num_tokens in (10**11, 2**63 - 1, 4097):
+        with pytest.raises(ConfigError, match=r"num_tokens: Input should be less than or equal to 4096"):
+            validate_config(entry.config, {"num_tokens": num_tokens}, where="aggregator 'reference-tokens'")
+    assert ReferenceTokensConfig(num_tokens=4096).num_tokens == 4096

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 import torch
 from PIL.Image import Image
@@ -22,20 +23,36 @@ CLIPImageProcessor = CLIPImageProcessorPil
 MAX_ASPECT_RATIO = 200
 
 
+#: Bound of ``hidden_layer`` in the config (CLIP models have 12 to 48 layers); the model's own
+#: number of layers is checked when the encoder is built.
+MAX_LAYERS = 1024
+
+
 class ClipEncoderConfig(ComponentConfig):
     """Options of the ``clip`` encoder."""
 
     model: str | None = Field(
         default=None,
-        description="Hub id or local folder of a CLIPVisionModelWithProjection. None reuses the pipeline's image_encoder.",
+        min_length=1,
+        max_length=4096,
+        description="Hub id or local folder of a CLIPVisionModelWithProjection. None reuses the pipeline's image_encoder. "
+        "A folder must exist when the encoder is built.",
     )
-    subfolder: str | None = Field(default=None, description="Subfolder of `model`, e.g. 'models/image_encoder' in h94/IP-Adapter.")
+    subfolder: str | None = Field(
+        default=None, max_length=4096, description="Subfolder of `model`, e.g. 'models/image_encoder' in h94/IP-Adapter."
+    )
     output: Literal["image_embeds", "hidden_states"] = Field(
         default="image_embeds",
         description="'image_embeds': one pooled, projected vector per reference (IP-Adapter base). "
         "'hidden_states': every token of a hidden layer (IP-Adapter Plus).",
     )
-    hidden_layer: int = Field(default=-2, description="Which hidden layer 'hidden_states' reads; -2 is the penultimate.")
+    hidden_layer: int = Field(
+        default=-2,
+        ge=-MAX_LAYERS,
+        le=MAX_LAYERS,
+        description="Which hidden layer 'hidden_states' reads; -2 is the penultimate, 0 the embeddings. Checked against the "
+        "model's layers when the encoder is built: a model with n layers takes -(n + 1) to n.",
+    )
 
 
 class ClipEncoder(torch.nn.Module):
@@ -63,7 +80,7 @@ class ClipEncoder(torch.nn.Module):
         """Reuse the pipeline's ``image_encoder`` and ``feature_extractor``, or load ``config.model``."""
         pipeline = context.backbone.pipeline if context.backbone is not None else None
         if config.model is not None:
-            model = CLIPVisionModelWithProjection.from_pretrained(config.model, subfolder=config.subfolder or "")
+            model = load_pretrained(CLIPVisionModelWithProjection, config.model, "encoder 'clip'", subfolder=config.subfolder or "")
             if context.backbone is not None:
                 model.to(device=context.backbone.device, dtype=context.backbone.dtype)
         else:
@@ -76,6 +93,13 @@ class ClipEncoder(torch.nn.Module):
                 )
         if not isinstance(model, CLIPVisionModelWithProjection):
             raise ConfigError(f"encoder 'clip' needs a CLIPVisionModelWithProjection, got {type(model).__name__}.")
+        layers = int(model.config.num_hidden_layers)
+        if config.output == "hidden_states" and not -(layers + 1) <= config.hidden_layer <= layers:
+            raise ConfigError(
+                f"encoder 'clip': config hidden_layer is {config.hidden_layer}, but the CLIP model has {layers} layers, so its "
+                f"hidden states are numbered -{layers + 1} to {layers} (0: the embeddings, -1: the last layer). "
+                "Use -2 (the penultimate layer, as IP-Adapter Plus) or a layer within that range."
+            )
         processor = getattr(pipeline, "feature_extractor", None)
         if processor is None:
             size = model.config.image_size
@@ -134,3 +158,43 @@ def _check_sizes(references: Sequence[Sequence[Image]]) -> None:
                     f"{MAX_ASPECT_RATIO}:1: CLIP's processor scales the short side up to its input size before it crops the central "
                     "square, so the long side would grow to millions of pixels. Crop the image to the part CLIP should see."
                 )
+
+
+def _shown(model: str) -> str:
+    return repr(model if len(model) <= 80 else model[:77] + "...")
+
+
+def check_model_source(model: str, who: str) -> None:
+    """Refuse, before anything loads, a ``model`` that is neither a folder that exists nor a valid hub id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            return
+        exists = path.exists()
+    except (OSError, RuntimeError) as exc:  # a name too long for the file system, a home folder that cannot be found
+        raise ConfigError(f"{who}: config model {_shown(model)} cannot be a folder here ({getattr(exc, 'strerror', None) or exc}); give a folder or a hub id.") from None
+    if exists:
+        raise ConfigError(f"{who}: config model {model!r} is a file: give the folder that holds the model (with its config.json), or a hub id.")
+    try:
+        validate_repo_id(model)
+    except HFValidationError:
+        raise ConfigError(
+            f"{who}: config model {_shown(model)} is not a folder that exists, and not a valid Hugging Face hub id ('organisation/name'). "
+            "Check the path (relative paths start from the current folder), or give a hub id."
+        ) from None
+
+
+def load_pretrained(cls: Any, model: str, who: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(model, **kwargs)``, with a missing folder or model reported as a :class:`refcond.ConfigError`."""
+    check_model_source(model, who)
+    try:
+        return cls.from_pretrained(model, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - missing files, an unknown hub id offline, a folder of another kind of model
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = f"{reason[:300]} ({type(exc).__name__})."
+        raise ConfigError(
+            f"{who}: cannot load {cls.__name__} from config model {_shown(model)}: {reason} Give a local folder holding the model, "
+            "or a hub id (downloaded once, unless HF_HUB_OFFLINE=1)."
+        ) from None

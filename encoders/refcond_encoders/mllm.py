@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from PIL.Image import Image
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from refcond import (
@@ -41,6 +41,7 @@ from refcond import (
     ReferenceImageError,
     weights_fingerprint,
 )
+from refcond_encoders.clip import load_pretrained
 
 try:  # transformers >= 5: the PIL backend works without torchvision
     from transformers import Qwen2VLImageProcessorPil as _ImageProcessor
@@ -72,6 +73,10 @@ OFFICIAL_MIN_PIXELS = ((336 // 28 - 1) ** 2) * 28 * 28
 OFFICIAL_MAX_PIXELS = ((336 // 28) ** 2 + 1) * 28 * 28
 #: The image of the unconditional branch: a black 512x512 RGB image.
 UNCONDITIONAL_SIZE = 512
+#: The bound of ``min_pixels`` and ``max_pixels``: 4096 MLLM tokens per reference (about
+#: 1792x1792 pixels), 28 times the official size and few enough that the attention over several
+#: references fits in memory.
+MAX_PIXELS = 4096 * 28 * 28
 #: The most elongated reference Qwen2-VL's image processor takes (its ``smart_resize`` refuses a
 #: longer side more than 200 times the shorter one); :meth:`MllmEncoder.inputs` refuses such a
 #: reference before anything runs.
@@ -105,12 +110,14 @@ class MllmEncoderConfig(ComponentConfig):
     min_pixels: int = Field(
         default=OFFICIAL_MIN_PIXELS,
         gt=0,
-        description="Fewest pixels a reference is resized to (aspect kept).",
+        le=MAX_PIXELS,
+        description=f"Fewest pixels a reference is resized to (aspect kept); at most {MAX_PIXELS}.",
     )
     max_pixels: int = Field(
         default=OFFICIAL_MAX_PIXELS,
         gt=0,
-        description="Most pixels a reference is resized to (aspect kept).",
+        le=MAX_PIXELS,
+        description=f"Most pixels a reference is resized to (aspect kept); at most {MAX_PIXELS} (4096 MLLM tokens per reference).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="bfloat16",
@@ -118,8 +125,18 @@ class MllmEncoderConfig(ComponentConfig):
     )
     device: str | None = Field(
         default=None,
-        description="Device of the model; None = the backbone's device (or the model's own).",
+        description="Device of the model, e.g. 'cuda', 'cuda:1', 'cpu'; None = the backbone's device (or the model's own).",
     )
+
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                torch.device(value)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"{value!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
+        return value
 
     @model_validator(mode="after")
     def _pixel_range(self) -> MllmEncoderConfig:
@@ -192,11 +209,14 @@ class MllmEncoder(torch.nn.Module):
                 "encoder 'mllm': config model is None. Set it to a Qwen2-VL hub id or folder, e.g. model='Qwen/Qwen2-VL-2B-Instruct', "
                 "or build the encoder in code with MllmEncoder.from_model(model, image_processor, tokenizer)."
             )
-        model = Qwen2VLForConditionalGeneration.from_pretrained(
-            config.model, dtype=_DTYPES[config.dtype], attn_implementation="sdpa"
+        who = "encoder 'mllm'"
+        if config.device is not None and not _device_available(torch.device(config.device)):
+            raise ConfigError(f"{who}: config device {config.device!r} is not available on this machine; use 'cpu', or None for the backbone's device.")
+        model = load_pretrained(
+            Qwen2VLForConditionalGeneration, config.model, who, dtype=_DTYPES[config.dtype], attn_implementation="sdpa"
         )
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        image_processor = _ImageProcessor.from_pretrained(config.model)
+        tokenizer = load_pretrained(AutoTokenizer, config.model, who)
+        image_processor = load_pretrained(_ImageProcessor, config.model, who)
         return cls.from_model(model, image_processor, tokenizer, config, context)
 
     @classmethod
@@ -467,6 +487,18 @@ class MllmEncoder(torch.nn.Module):
             mask,
             torch.full(mask.shape, MIXED_SOURCE, dtype=torch.long, device=self.device),
         )
+
+
+def _device_available(device: torch.device) -> bool:
+    """Whether this machine has ``device`` (``meta`` holds no weights, so it does not count)."""
+    if device.type == "cpu":
+        return True
+    if device.type == "mps":
+        return torch.backends.mps.is_available()
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
+    if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
+        return False
+    return device.index is None or device.index < backend.device_count()
 
 
 def run_decoder(

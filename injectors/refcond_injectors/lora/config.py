@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
 from refcond import ComponentConfig
-from refcond_injectors.lora.layers import LoraLayersConfig
-from refcond_injectors.lora.tuning import TuningConfig
+from refcond_injectors.lora.layers import MAX_LORA_SCALE, LoraLayersConfig
+from refcond_injectors.lora.tuning import TuningConfig, check_file_name
 
 #: What PEFT accepts as an adapter name (it becomes a key of ``torch.nn.ModuleDict``: no dots).
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
@@ -19,6 +20,8 @@ BLOCK_KEYS = ("down", "mid", "up")
 #: A UNet LoRA weight: one number, or per block as ``pipe.set_adapters`` takes it, e.g.
 #: ``{"down": 0.5, "mid": 1.0, "up": {"block_0": 0.0, "block_1": [0.0, 1.0, 0.5]}}``.
 BlockScale = float | dict[str, Any]
+#: The most LoRA files one injector loads.
+MAX_LORAS = 64
 
 
 class LoraSource(ComponentConfig):
@@ -37,12 +40,21 @@ class LoraSource(ComponentConfig):
     scale: BlockScale = Field(
         default=1.0,
         description="Weight of the LoRA in the UNet: a number, or per block in diffusers' set_adapters format "
-        "({'down': ..., 'mid': ..., 'up': {'block_0': [...]}}; unlisted blocks get 1.0).",
+        "({'down': ..., 'mid': ..., 'up': {'block_0': [...]}}; unlisted blocks get 1.0). Every number finite, "
+        f"from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}.",
     )
     text_encoder_scale: float | None = Field(
         default=None,
-        description="Weight of the LoRA in the text encoder(s). None = scale when scale is a number, else 1.0.",
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description="Weight of the LoRA in the text encoder(s). None = scale when scale is a number, else 1.0. "
+        f"A finite number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}.",
     )
+
+    @field_validator("path", "weight_name")
+    @classmethod
+    def _a_file_name(cls, value: str | None) -> str | None:
+        return check_file_name(value)
 
     @field_validator("adapter_name")
     @classmethod
@@ -59,6 +71,7 @@ class LoraSource(ComponentConfig):
             if unknown:
                 hint = " Set text-encoder weights with text_encoder_scale." if any(k.startswith("text_encoder") for k in unknown) else ""
                 raise ValueError(f"per-block scale keys must be among {list(BLOCK_KEYS)}, got {unknown}.{hint}")
+        _check_weights(value, "scale", depth=0)
         return value
 
     @property
@@ -80,7 +93,8 @@ class LoraInjectorConfig(ComponentConfig):
 
     loras: list[LoraSource] = Field(
         default=[],  # pydantic copies it per instance
-        description="The LoRA files, applied together with their weights (diffusers' set_adapters).",
+        max_length=MAX_LORAS,
+        description=f"The LoRA files, applied together with their weights (diffusers' set_adapters); at most {MAX_LORAS}.",
     )
     fuse: bool = Field(
         default=False,
@@ -109,3 +123,21 @@ class LoraInjectorConfig(ComponentConfig):
         if repeated:
             raise ValueError(f"adapter names must be distinct, but {repeated} is used more than once")
         return self
+
+
+def _check_weights(value: Any, where: str, depth: int) -> None:
+    """Per-block weights are finite numbers within the bounds, in tables and lists at most three levels deep."""
+    if isinstance(value, bool):
+        raise ValueError(f"{where} is {value}, not a number")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value) or abs(value) > MAX_LORA_SCALE:
+            raise ValueError(f"{where} is {value}; LoRA weights are finite numbers from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}")
+        return
+    if depth >= 3 or not isinstance(value, (dict, list)):
+        raise ValueError(
+            f"{where} must be a number, or per block as {{'down': 0.5, 'up': {{'block_0': [0.0, 1.0]}}}} (numbers in tables and lists), "
+            f"not {type(value).__name__}"
+        )
+    items = value.items() if isinstance(value, dict) else enumerate(value)
+    for key, item in items:
+        _check_weights(item, f"{where}.{key}", depth + 1)

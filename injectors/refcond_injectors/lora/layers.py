@@ -28,16 +28,31 @@ UNET_PREFIX = "unet."
 _PROCESSOR_SUFFIX = ".processor"
 
 
+#: The largest LoRA rank (EasyRef: 128; a rank above a layer's width adds nothing).
+MAX_RANK = 1024
+#: The most projections per attention layer that get a LoRA (diffusers' Attention has four).
+MAX_TARGETS = 64
+#: The largest LoRA weight in magnitude (1.0 is the trained strength).
+MAX_LORA_SCALE = 100.0
+
+
 class LoraLayersConfig(ComponentConfig):
     """LoRA layers on every UNet attention layer, with weights of their own (checkpoint or fresh)."""
 
-    rank: int = Field(gt=0, description="Rank of every LoRA (EasyRef: 128).")
+    rank: int = Field(gt=0, le=MAX_RANK, description=f"Rank of every LoRA (EasyRef: 128), 1 to {MAX_RANK}.")
     targets: list[str] = Field(
         default=["to_q", "to_k", "to_v", "to_out.0"],
         min_length=1,
-        description="Projections of each attention layer (attn1 and attn2) that get a LoRA, as named in diffusers' Attention.",
+        max_length=MAX_TARGETS,
+        description="Projections of each attention layer (attn1 and attn2) that get a LoRA, as named in diffusers' Attention "
+        f"(at most {MAX_TARGETS}).",
     )
-    scale: float = Field(default=1.0, description="Weight of the LoRA in the UNet (diffusers' set_adapters weight).")
+    scale: float = Field(
+        default=1.0,
+        ge=-MAX_LORA_SCALE,
+        le=MAX_LORA_SCALE,
+        description=f"Weight of the LoRA in the UNet (diffusers' set_adapters weight): a finite number from -{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}.",
+    )
 
     @field_validator("targets")
     @classmethod

@@ -21,6 +21,7 @@ import inspect
 import json
 import math
 import os
+import reprlib
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -61,20 +62,65 @@ _VAE_CHUNK = 4
 _KEY_FORMAT = "refcond-lora-tuning/1"
 
 
+#: Upper bounds of the tuning options: far above DreamBooth-LoRA's usual values (rank 4-64,
+#: 400-2000 steps, batch 1-4, 512 or 1024 pixels, learning rate 1e-4), and low enough that no
+#: single one exhausts memory or runs for days on its own.
+MAX_TUNING_RANK = 1024
+MAX_TUNING_ALPHA = 65536.0
+MAX_LEARNING_RATE = 1.0
+MAX_STEPS = 100_000
+MAX_BATCH_SIZE = 64
+MAX_RESOLUTION = 2048
+MAX_CLASS_IMAGES = 1000
+MAX_LOSS_WEIGHT = 1000.0
+MAX_MODULES = 64
+#: torch's generators take seeds in [-2**63, 2**64).
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+#: The longest file or folder name file systems take (NAME_MAX), in bytes.
+MAX_NAME_BYTES = 255
+
+
+def check_file_name(value: str | None) -> str | None:
+    """Refuse a path no file system holds: a NUL character, or a name longer than :data:`MAX_NAME_BYTES`."""
+    if value is None:
+        return value
+    if "\x00" in value:
+        raise ValueError("a path cannot hold a NUL character")
+    for part in value.replace("\\", "/").split("/"):
+        if len(part.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+            raise ValueError(f"the name {part[:40]!r}... is {len(part.encode('utf-8', 'surrogatepass'))} bytes long; file systems take names of at most {MAX_NAME_BYTES}")
+    return value
+
+
 class TuningConfig(ComponentConfig):
     """Options of :func:`tune_lora`. Invalid values raise :class:`refcond.ConfigError` naming the field."""
 
-    rank: int = Field(default=4, ge=1, description="Rank of the LoRA matrices (lora_A is rank x in, lora_B out x rank).")
-    alpha: float | None = Field(
-        default=None, gt=0, description="LoRA alpha: the update is scaled by alpha / rank. None = rank (scale 1)."
+    rank: int = Field(
+        default=4, ge=1, le=MAX_TUNING_RANK, description=f"Rank of the LoRA matrices (lora_A is rank x in, lora_B out x rank), 1 to {MAX_TUNING_RANK}."
     )
-    learning_rate: float = Field(default=1e-4, gt=0, description="AdamW learning rate of the LoRA parameters.")
-    steps: int = Field(default=400, ge=1, description="Optimizer steps in all (a resumed run counts the steps already done).")
-    batch_size: int = Field(default=1, ge=1, description="References per step (plus as many class images with prior preservation).")
+    alpha: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TUNING_ALPHA,
+        description=f"LoRA alpha: the update is scaled by alpha / rank. None = rank (scale 1). At most {MAX_TUNING_ALPHA:g}.",
+    )
+    learning_rate: float = Field(
+        default=1e-4, gt=0, le=MAX_LEARNING_RATE, description=f"AdamW learning rate of the LoRA parameters, above 0 and at most {MAX_LEARNING_RATE:g}."
+    )
+    steps: int = Field(
+        default=400, ge=1, le=MAX_STEPS, description=f"Optimizer steps in all (a resumed run counts the steps already done), 1 to {MAX_STEPS}."
+    )
+    batch_size: int = Field(
+        default=1,
+        ge=1,
+        le=MAX_BATCH_SIZE,
+        description=f"References per step (plus as many class images with prior preservation), 1 to {MAX_BATCH_SIZE}.",
+    )
     resolution: int | None = Field(
         default=None,
         ge=8,
-        description="Side in pixels the references are resized and centre-cropped to; a multiple of 8. "
+        le=MAX_RESOLUTION,
+        description=f"Side in pixels the references are resized and centre-cropped to; a multiple of 8, at most {MAX_RESOLUTION}. "
         "None = the pipeline's default image size (unet.config.sample_size * vae_scale_factor).",
     )
     instance_prompt: str = Field(
@@ -83,18 +129,28 @@ class TuningConfig(ComponentConfig):
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"],
         min_length=1,
-        description="UNet modules (name suffixes, as PEFT matches them) that get a LoRA: the attention projections by default.",
+        max_length=MAX_MODULES,
+        description="UNet modules (name suffixes, as PEFT matches them) that get a LoRA: the attention projections by default "
+        f"(at most {MAX_MODULES}).",
     )
-    seed: int = Field(default=0, description="Seed of the LoRA initialisation, data order, noise and timesteps.")
+    seed: int = Field(
+        default=0, ge=MIN_SEED, le=MAX_SEED, description="Seed of the LoRA initialisation, data order, noise and timesteps (-2**63 to 2**64 - 1)."
+    )
     prior_preservation: bool = Field(
         default=False, description="Also train on class images the un-adapted pipeline generates from class_prompt (DreamBooth)."
     )
     class_prompt: str | None = Field(
         default=None, description="Prompt of the class images (e.g. 'a photo of a dog'); required with prior_preservation."
     )
-    num_class_images: int = Field(default=8, ge=1, description="Class images to generate for prior preservation.")
-    prior_loss_weight: float = Field(default=1.0, ge=0, description="Weight of the class images' loss.")
-    save_every: int = Field(default=100, ge=1, description="Save the LoRA every this many steps (and at the end), to resume from.")
+    num_class_images: int = Field(
+        default=8, ge=1, le=MAX_CLASS_IMAGES, description=f"Class images to generate for prior preservation, 1 to {MAX_CLASS_IMAGES}."
+    )
+    prior_loss_weight: float = Field(
+        default=1.0, ge=0, le=MAX_LOSS_WEIGHT, description=f"Weight of the class images' loss, 0 to {MAX_LOSS_WEIGHT:g}."
+    )
+    save_every: int = Field(
+        default=100, ge=1, le=MAX_STEPS, description=f"Save the LoRA every this many steps (and at the end), to resume from; 1 to {MAX_STEPS}."
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] = Field(
         default="no", description="accelerate's mixed precision: 'fp16' needs a GPU; LoRA weights stay float32."
     )
@@ -109,6 +165,11 @@ class TuningConfig(ComponentConfig):
             super().__init__(**data)
         except ValidationError as exc:  # a refcond error, as for every other bad input
             raise ConfigError(_describe(exc, fields=list(type(self).model_fields))) from None
+
+    @field_validator("output_dir")
+    @classmethod
+    def _a_folder_name(cls, value: str | None) -> str | None:
+        return check_file_name(value)
 
     @field_validator("resolution")
     @classmethod
@@ -148,8 +209,20 @@ def _describe(exc: ValidationError, fields: list[str]) -> str:
         elif error["type"] == "value_error":  # our validators' messages say what was given
             lines.append(f"  - {loc}: {error['msg'].removeprefix('Value error, ')}")
         else:
-            lines.append(f"  - {loc}: {error['msg']} (got {error.get('input')!r})")
+            lines.append(f"  - {loc}: {error['msg']} (got {_short_repr(error.get('input'))})")
     return "\n".join(lines)
+
+
+def _short_repr(value: Any) -> str:
+    """A bounded repr for messages: a value too long or too deep (or an integer Python cannot print) does not break them."""
+    limits = reprlib.Repr()
+    limits.maxlevel, limits.maxstring, limits.maxother = 3, 60, 60
+    if isinstance(value, int) and value.bit_length() > 256:
+        return f"<an integer of about {int(value.bit_length() * 0.30103) + 1} digits>"
+    try:
+        return limits.repr(value)
+    except Exception:  # noqa: BLE001 - e.g. huge integers nested in a list
+        return f"<a {type(value).__name__}>"
 
 
 @dataclass(frozen=True)

@@ -42,13 +42,19 @@ from refcond import (
 )
 
 
+#: The most reference tokens: 64 times the official count, and few enough that the tokens and the
+#: attention over them fit in memory next to any MLLM.
+MAX_REFERENCE_TOKENS = 4096
+
+
 class ReferenceTokensConfig(ComponentConfig):
     """Options of the ``reference-tokens`` aggregator."""
 
     num_tokens: int = Field(
         default=64,
         gt=0,
-        description="Number of learnable reference tokens K = condition length (official: 64).",
+        le=MAX_REFERENCE_TOKENS,
+        description=f"Number of learnable reference tokens K = condition length (official: 64), 1 to {MAX_REFERENCE_TOKENS}.",
     )
     attention: Literal["causal", "bidirectional"] = Field(
         default="causal",

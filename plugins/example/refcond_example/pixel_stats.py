@@ -17,17 +17,27 @@ from refcond import BuildContext, ComponentConfig, ReferenceEncoding
 
 
 class PixelStatsConfig(ComponentConfig):
-    """Options of the ``pixel-stats`` encoder."""
+    """Options of the ``pixel-stats`` encoder.
 
-    dim: int = Field(default=64, gt=0, description="Size of every token: the encoder's embedding_dim.")
-    tokens: int = Field(default=1, ge=1, le=64, description="Tokens per reference.")
-    image_size: int = Field(default=32, ge=4, le=1024, description="References are resized to image_size x image_size pixels first.")
+    Every size has an upper bound (a pydantic constraint), so a typo such as ``dim = 10**9`` is an
+    error naming the field, not an attempt to allocate the weights.
+    """
+
+    dim: int = Field(default=64, gt=0, le=4096, description="Size of every token: the encoder's embedding_dim, 1 to 4096.")
+    tokens: int = Field(default=1, ge=1, le=64, description="Tokens per reference, 1 to 64.")
+    image_size: int = Field(default=32, ge=4, le=1024, description="References are resized to image_size x image_size pixels first (4 to 1024).")
     quantiles: tuple[float, ...] = Field(
         default=(0.1, 0.5, 0.9),
         min_length=1,
-        description="Quantiles of each colour channel taken besides its mean and standard deviation, each in [0, 1].",
+        max_length=64,
+        description="Quantiles of each colour channel taken besides its mean and standard deviation, each in [0, 1] (at most 64).",
     )
-    seed: int = Field(default=0, description="Seed of the projection's initial weights, so two builds are identical.")
+    seed: int = Field(
+        default=0,
+        ge=-(2**63),
+        le=2**64 - 1,
+        description="Seed of the projection's initial weights, so two builds are identical (-2**63 to 2**64 - 1, torch's range).",
+    )
 
     @field_validator("quantiles")
     @classmethod

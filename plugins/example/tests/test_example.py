@@ -129,3 +129,9 @@ def test_example_components_drive_a_generation(sd15_pipe, references, tmp_path):
     assert reloaded.composition.encoder.name == "pixel-stats"
     assert np.allclose(_generate(reloaded, references=references), conditioned, atol=1e-6)
     reloaded.detach()
+
+
+def test_pixel_stats_sizes_are_bounded_before_the_projection_is_allocated(sd15_pipe):
+    for config, message in (({"dim": 10**11}, r"dim: Input should be less than or equal to 4096"), ({"seed": -(2**63) - 1}, r"seed: Input should be greater than or equal to -9223372036854775808")):
+        with pytest.raises(ConfigError, match=message):
+            refcond.from_pipe(sd15_pipe, {**COMPOSITION, "encoder": {"name": "pixel-stats", "config": config}})
