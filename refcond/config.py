@@ -215,11 +215,11 @@ class Composition(BaseModel):
             elif role == "injectors" and isinstance(override, Mapping):
                 for key, item in override.items():
                     i = _injector_index(key, data["injectors"])
-                    data["injectors"][i] = _merge_spec(data["injectors"][i], item, f"injectors[{i}]")
+                    data["injectors"][i] = merge_spec(data["injectors"][i], item, f"injectors[{i}]")
             elif role == "injectors":
                 data["injectors"] = override
             else:
-                data[role] = None if override is None else _merge_spec(data[role], override, role)  # None removes the role
+                data[role] = None if override is None else merge_spec(data[role], override, role)  # None removes the role
         return Composition.parse(data)
 
     def resolved(self, configs: Mapping[str, BaseModel]) -> Composition:
@@ -261,7 +261,13 @@ def _injector_index(key: Any, injectors: list[dict[str, Any]]) -> int:
 _SPEC_KEYS = ("name", "config")
 
 
-def _merge_spec(current: dict[str, Any] | None, override: Any, role: str = "role") -> dict[str, Any]:
+def merge_spec(current: dict[str, Any] | None, override: Any, role: str = "role") -> dict[str, Any]:
+    """One role's ``{"name", "config"}`` with an override applied (see :meth:`Composition.with_overrides`).
+
+    ``override`` is a name, a dict with ``name`` and/or ``config``, or a :class:`ComponentSpec`;
+    anything else (a number, a list, other keys, a config that is not a dict) is a
+    :class:`ConfigError` naming ``role`` and the shape to give.
+    """
     if isinstance(override, str):
         override = {"name": override}
     if isinstance(override, BaseModel):

@@ -318,7 +318,7 @@ def test_a_composition_that_is_not_a_table_says_what_a_composition_is(data):
     strict=True,
     raises=TypeError,
     reason="refcond.building.resolve_composition hands anything that is not a Mapping to pathlib.Path; "
-    "it should hand it to Composition.parse (issue 10, pending in building.py)",
+    "it should hand anything but a str or os.PathLike to Composition.parse (issue 10, pending in building.py)",
 )
 @pytest.mark.parametrize("composition", [["ip-adapter"], 5], ids=["list", "int"])
 def test_from_pipe_refuses_a_composition_that_is_not_a_name_file_or_table(sd15_pipe, composition):
@@ -329,8 +329,8 @@ def test_from_pipe_refuses_a_composition_that_is_not_a_name_file_or_table(sd15_p
 @pytest.mark.xfail(
     strict=True,
     raises=TypeError,
-    reason="refcond.building._backbone_spec reads the backbone override with dict() before the overrides are checked "
-    "(issue 10, pending in building.py)",
+    reason="refcond.building._backbone_spec reads the backbone override with dict() before the overrides are checked; "
+    "it should apply it with refcond.config.merge_spec(spec or None, override, 'backbone') (issue 10, pending in building.py)",
 )
 def test_from_pipe_refuses_a_backbone_override_that_is_a_number(sd15_pipe):
     with pytest.raises(ConfigError, match="the override of backbone is a float"):
