@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from pydantic import BaseModel
 
 from refcond.checkpoints import import_checkpoint, open_checkpoint
 from refcond.checkpoints.native import stored_composition
-from refcond.config import Composition, validate_config
+from refcond.config import Composition, merge_nested, merge_spec, validate_config
 from refcond.contracts import (
     Aggregator,
     Backbone,
@@ -53,7 +54,7 @@ def resolve_composition(composition: str | Path | Mapping[str, Any] | Compositio
     """A composition from a registered recipe name, a ``.toml``/``.json`` file, a dict, or itself."""
     if isinstance(composition, Composition):
         return composition
-    if isinstance(composition, Mapping):
+    if not isinstance(composition, (str, os.PathLike)):  # a dict, or what Composition.parse explains is not one
         return Composition.parse(composition)
     path = Path(composition)
     if path.suffix.lower() in (".toml", ".json"):
@@ -195,10 +196,9 @@ def _backbone_spec(comp: Composition | None, overrides: Mapping[str, Any] | None
     if comp is not None and comp.backbone is not None:
         spec = comp.backbone.model_dump()
     override = (overrides or {}).get("backbone")
-    if isinstance(override, str):
-        override = {"name": override}
-    if override:
-        spec = {**spec, **dict(override), "config": {**spec.get("config", {}), **dict(override).get("config", {})}}
+    if override is not None:
+        given = merge_spec(None, override, "backbone")  # checks its shape; its config merges whichever backbone it names
+        spec = {**spec, **({"name": given["name"]} if given["name"] else {}), "config": merge_nested(spec.get("config", {}), given["config"])}
     if pipeline is not None and not spec.get("name"):
         spec["name"] = infer_backbone(pipeline, registry)
     if not spec.get("name"):

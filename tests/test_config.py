@@ -314,24 +314,12 @@ def test_a_composition_that_is_not_a_table_says_what_a_composition_is(data):
         Composition.parse(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="refcond.building.resolve_composition hands anything that is not a Mapping to pathlib.Path; "
-    "it should hand anything but a str or os.PathLike to Composition.parse (issue 10, pending in building.py)",
-)
 @pytest.mark.parametrize("composition", [["ip-adapter"], 5], ids=["list", "int"])
 def test_from_pipe_refuses_a_composition_that_is_not_a_name_file_or_table(sd15_pipe, composition):
     with pytest.raises(ConfigError, match="a composition is a table"):
         refcond.from_pipe(sd15_pipe, composition, seed=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=TypeError,
-    reason="refcond.building._backbone_spec reads the backbone override with dict() before the overrides are checked; "
-    "it should apply it with refcond.config.merge_spec(spec or None, override, 'backbone') (issue 10, pending in building.py)",
-)
 def test_from_pipe_refuses_a_backbone_override_that_is_a_number(sd15_pipe):
     with pytest.raises(ConfigError, match="the override of backbone is a float"):
         refcond.from_pipe(sd15_pipe, "ip-adapter", seed=0, backbone=1.5)
