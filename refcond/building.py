@@ -15,6 +15,7 @@ from pydantic import BaseModel
 
 from refcond.checkpoints import import_checkpoint, open_checkpoint
 from refcond.checkpoints.native import stored_composition
+from refcond.checkpoints.values import check_tensors
 from refcond.config import Composition, merge_nested, merge_spec, validate_config
 from refcond.contracts import (
     Aggregator,
@@ -220,11 +221,19 @@ def load_weights(built: Built, imported: ImportedCheckpoint) -> None:
     keep what they were built with. When present they are loaded, and recorded in ``built.carried``.
     """
     by_role: dict[str, dict[str, torch.Tensor]] = {}
+    named_by: dict[tuple[str, str], str] = {}
     role_map = roles(built)
     for key, tensor in imported.state_dict.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise CheckpointError(f"checkpoint key {key!r} holds a {type(tensor).__name__}; a checkpoint maps weight names (str) to tensors.")
         role, rest = _split_role(key, built)
         if role not in role_map:
             raise CheckpointError(f"key {key!r} belongs to role {role!r}, which this composition does not have. Roles: {', '.join(role_map)}.")
+        first = named_by.setdefault((role, rest), key)
+        if first != key:  # e.g. injector.0.x and injector.cross-attention.x: which one loads would be an accident
+            raise CheckpointError(
+                f"keys {first!r} and {key!r} both hold {role}.{rest} (a role by index and by name): keep one of them."
+            )
         by_role.setdefault(role, {})[rest] = tensor
     for role, component in role_map.items():
         expected = component.state_dict() if has_weights(component) else {}
@@ -257,25 +266,40 @@ def _split_role(key: str, built: Built) -> tuple[str, str]:
     if head != "injector":
         return head, rest
     index, _, rest = rest.partition(".")
-    if not index.isdigit():  # an importer may address an injector by its component name
+    if not (index.isascii() and index.isdigit()):  # an importer may address an injector by its component name
         names = [spec.name for spec in built.composition.injectors]
         if index not in names:
             raise CheckpointError(f"key {key!r} is for injector {index!r}, but the composition's injectors are {names}.")
+        if names.count(index) > 1:
+            raise CheckpointError(f"key {key!r} names injector {index!r}, but the composition has {names.count(index)} of them: address it by index (injector.<i>).")
         index = str(names.index(index))
     return f"injector.{index}", rest
 
 
 def check_state_dict(
-    expected: Mapping[str, torch.Tensor | tuple[int, ...]],
+    expected: Mapping[str, torch.Tensor | tuple[int, ...]] | None,
     given: Mapping[str, torch.Tensor],
     prefix: str = "",
     *,
     title: str = "checkpoint does not match the model",
+    values: bool = False,
 ) -> None:
     """Raise :class:`CheckpointError` naming every missing, unexpected or wrongly shaped key.
 
-    ``expected`` maps each key to a tensor or to its shape; ``title`` heads the list of problems.
+    ``expected`` maps each key to a tensor or to its shape (``None``: any keys and shapes); ``title``
+    heads the list of problems. Where it gives a tensor, the given one must hold the same kind of
+    number (floating point, integer, bool): an integer or bool tensor where a floating-point weight
+    is expected (or the reverse) is refused rather than silently cast.
+
+    With ``values=True``, ``given`` must first hold only what any checkpoint may hold: weight names
+    as keys, non-empty real tensors, no NaN or inf, no value beyond float16's largest (65504).
+    refcond checks every checkpoint file so when it reads it; a plugin that reads weights another
+    way (a LoRA file through diffusers) checks them with this.
     """
+    if values:
+        check_tensors(given, title)
+    if expected is None:
+        return
     shapes = {key: tuple(value.shape) if isinstance(value, torch.Tensor) else tuple(value) for key, value in expected.items()}
     problems = []
     for key in sorted(set(shapes) - set(given)):
@@ -285,6 +309,21 @@ def check_state_dict(
     for key in sorted(set(given) & set(shapes)):
         if tuple(given[key].shape) != shapes[key]:
             problems.append(f"key {prefix}{key}: expected shape {shapes[key]}, got {tuple(given[key].shape)}")
+        elif isinstance(expected[key], torch.Tensor) and _number_kind(given[key].dtype) != _number_kind(expected[key].dtype):
+            want, got = expected[key].dtype, given[key].dtype
+            problems.append(
+                f"key {prefix}{key}: expected {_number_kind(want)} values ({str(want).removeprefix('torch.')}), "
+                f"got {_number_kind(got)} ({str(got).removeprefix('torch.')})"
+            )
     if problems:
         shown = problems[:10] + ([f"... and {len(problems) - 10} more"] if len(problems) > 10 else [])
         raise CheckpointError(f"{title}:\n  - " + "\n  - ".join(shown))
+
+
+def _number_kind(dtype: torch.dtype) -> str:
+    """``floating-point``, ``complex``, ``bool`` or ``integer``: what loading may not silently convert between."""
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "bool" if dtype == torch.bool else "integer"

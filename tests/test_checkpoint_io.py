@@ -165,7 +165,7 @@ def test_a_newer_refcond_file_says_to_upgrade(tmp_path):
     registry = refcond.from_modules(native).registry
     metadata = {**native.metadata_for(COMPOSITION), native.VERSION_KEY: "99"}
     path = write_safetensors(tmp_path / "future.safetensors", weights(), metadata)
-    with pytest.raises(CheckpointError, match=r"future\.safetensors \(refcond format\): refcond checkpoint format version '99' is not supported.*Upgrade refcond"):
+    with pytest.raises(CheckpointError, match=r"future\.safetensors: refcond checkpoint format version '99' is not supported.*Upgrade refcond"):
         import_checkpoint(path, registry)
 
 

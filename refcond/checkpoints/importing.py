@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 
 from refcond.checkpoints.io import read_checkpoint
+from refcond.checkpoints.native import check_metadata
+from refcond.checkpoints.values import check_tensors
 from refcond.contracts import Backbone, ImportedCheckpoint
 from refcond.errors import CheckpointError, RefcondError
 from refcond.registry import Registry
@@ -15,15 +17,27 @@ from refcond.registry import Registry
 
 @dataclass(frozen=True)
 class CheckpointFile:
-    """A checkpoint read into memory: its tensors, its metadata, and how messages name it."""
+    """A checkpoint read into memory: its tensors, its metadata, and how messages name it.
+
+    Made only of checked content: creating one checks every tensor
+    (:func:`refcond.checkpoints.values.check_tensors`: keys, dtypes, NaN, inf, huge values) and a refcond
+    checkpoint's metadata (:func:`refcond.checkpoints.native.check_metadata`), once, for every format;
+    nothing a file holds reaches a format plugin or a component unchecked.
+    """
 
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str]
     where: str
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.state_dict, dict):
+            raise CheckpointError(f"{self.where}: a checkpoint is a dict of tensors, not a {type(self.state_dict).__name__}.")
+        check_tensors(self.state_dict, self.where)
+        check_metadata(self.metadata, self.where)
+
 
 def open_checkpoint(checkpoint: str | Path | dict[str, torch.Tensor], *, allow_pickle: bool = False) -> CheckpointFile:
-    """Read ``checkpoint`` (a file, or a flat state dict given in memory) once."""
+    """Read ``checkpoint`` (a file, or a flat state dict given in memory) once, and check it (see :class:`CheckpointFile`)."""
     if isinstance(checkpoint, dict):
         return CheckpointFile(checkpoint, {}, "the given state dict")
     state_dict, metadata = read_checkpoint(checkpoint, allow_pickle=allow_pickle)

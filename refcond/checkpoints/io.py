@@ -2,14 +2,19 @@
 
 ``.safetensors`` is read directly. Pickle-based files (``.bin``, ``.pt``, ``.ckpt``) can run code
 when loaded, so they are refused unless the caller passes ``allow_pickle=True``; even then they are
-read with ``torch.load(weights_only=True)``. Every write goes to a temporary file that is renamed
-into place, so an interrupted write never leaves a truncated file.
+read with ``torch.load(weights_only=True)``. Only regular files are opened: a FIFO, a device or a
+folder (directly or through a symlink) is refused from its ``stat``, before anything could block on it.
+Every write goes to a temporary file that is renamed into place, so an interrupted write never leaves
+a truncated file.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,9 +33,8 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     Nested pickle dicts (``{"image_proj": {...}, "ip_adapter": {...}}``, as the original
     IP-Adapter ``.bin`` files are) are flattened with ``.``-joined keys.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} not found{' (it is a folder)' if path.is_dir() else ''}.")
+    path = checkpoint_path(path)
+    require_regular_file(path)
     if path.suffix.lower() == ".safetensors":
         metadata = read_metadata(path)
         try:
@@ -56,13 +60,67 @@ def read_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> tuple[di
     )
 
 
+class Metadata(dict):  # type: ignore[type-arg]
+    """A file's metadata (``str`` to ``str``), which remembers the file it came from for error messages."""
+
+    def __init__(self, items: Mapping[str, str], where: str):
+        super().__init__(items)
+        self.where = where
+
+
 def read_metadata(path: str | Path) -> dict[str, str]:
-    """The metadata of a ``.safetensors`` file, read from its header without loading any tensor."""
+    """The metadata of a ``.safetensors`` file, read from its header without loading any tensor.
+
+    The result is a dict whose ``where`` attribute names the file (messages about its values use it).
+    """
+    path = checkpoint_path(path)
+    require_regular_file(path)
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            return Metadata(handle.metadata() or {}, repr(str(path)))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is not a valid safetensors file: {exc}") from None
+
+
+def checkpoint_path(path: Any) -> Path:
+    """``path`` as a :class:`~pathlib.Path`, or a :class:`CheckpointError` when it is not a path."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise CheckpointError(
+            f"a checkpoint is a file path (str or pathlib.Path) or a dict of tensors, not a {type(path).__name__} ({_short(path)})."
+        )
+    try:
+        return Path(path)
+    except TypeError:  # a PathLike whose __fspath__ returns bytes
+        raise CheckpointError(f"checkpoint path {_short(path)} is not a text path; pass it as a str or pathlib.Path.") from None
+
+
+def require_regular_file(path: Path, what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a regular file (symlinks followed), judged by ``stat`` without opening it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        broken = " (a symlink whose target does not exist)" if path.is_symlink() else ""
+        raise CheckpointError(f"{what} {str(path)!r} not found{broken}.") from None
+    except (OSError, ValueError) as exc:  # a loop of symlinks, a name too long, a NUL byte, no permission
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise CheckpointError(f"{what} {str(path)!r} cannot be read: {reason}. Check the path.") from None
+    if stat.S_ISDIR(mode):
+        raise CheckpointError(f"{what} {str(path)!r} not found (it is a folder). Give the weight file inside it.")
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"{what} {str(path)!r} is a {_file_kind(mode)}, not a regular file; refcond reads weights only from regular "
+            "files (it would block or read forever on this one). Copy the weights to a file and give its path."
+        )
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def _flatten(tree: Mapping[str, object], prefix: str = "") -> dict[str, torch.Tensor]:

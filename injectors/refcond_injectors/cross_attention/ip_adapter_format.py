@@ -13,8 +13,11 @@ key                    variant                     projector          encoder ou
 ``proj.3.weight``      IP-Adapter Full-face        ``mlp``            penultimate ``hidden_states``
 =====================  ==========================  =================  ==========================
 
-Every size is read from the tensors' shapes; :meth:`IPAdapterFormat.convert` returns the settings
-as a composition patch and the weights under ``injector.cross-attention.*``.
+Every size is read from the tensors' shapes (refcond has refused empty tensors before, so each size
+is backed by values in the file) and bounded before anything is built: at most :data:`MAX_TOKENS`
+tokens, and a resampler's layers numbered exactly ``0..n-1`` with ``n`` at most
+:data:`MAX_RESAMPLER_DEPTH`. :meth:`IPAdapterFormat.convert` returns the settings as a composition
+patch and the weights under ``injector.cross-attention.*``.
 """
 
 from __future__ import annotations
@@ -45,9 +48,15 @@ IP_ADAPTER = "ip_adapter."
 INJECTOR = "cross-attention"
 TARGET = f"injector.{INJECTOR}."
 
-_IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$")
-_RESAMPLER_ATTN = re.compile(r"^layers\.(\d+)\.0\.(norm1|norm2|to_q|to_kv|to_out)\.(weight|bias)$")
-_RESAMPLER_FF = re.compile(r"^layers\.(\d+)\.1\.(0|1|3)\.(weight|bias)$")
+#: Most tokens a projector may make per reference (official files: 4 or 16; the resampler's cost grows with their square).
+MAX_TOKENS = 1024
+#: Most layers a resampler may have (official IP-Adapter Plus files: 4).
+MAX_RESAMPLER_DEPTH = 64
+
+_IP_KEY = re.compile(r"^(\d+)\.(to_k_ip|to_v_ip)\.weight$", re.ASCII)
+_RESAMPLER_ATTN = re.compile(r"^layers\.(\d+)\.0\.(norm1|norm2|to_q|to_kv|to_out)\.(weight|bias)$", re.ASCII)
+_RESAMPLER_FF = re.compile(r"^layers\.(\d+)\.1\.(0|1|3)\.(weight|bias)$", re.ASCII)
+_RESAMPLER_LAYER = re.compile(r"^layers\.([^.]*)\.", re.ASCII)
 _ATTN_NAMES = {"norm1": "norm_inputs", "norm2": "norm_latents", "to_q": "to_q", "to_out": "to_out"}
 _FF_NAMES = {"0": "ff_norm", "1": "ff_in", "3": "ff_out"}
 
@@ -155,7 +164,9 @@ def _linear(sd: dict[str, torch.Tensor], cross_dim: int) -> tuple[dict[str, Any]
             f"key {IMAGE_PROJ}proj.weight: shape {tuple(proj.shape)}; its first dim should be num_tokens x the UNet's "
             f"cross-attention dim {cross_dim}."
         )
-    config = {"projector": "linear", "num_tokens": proj.shape[0] // cross_dim, "input_dim": int(proj.shape[1])}
+    num_tokens = int(proj.shape[0]) // cross_dim
+    _check_tokens(num_tokens, f"proj.weight has shape {tuple(proj.shape)}: {num_tokens} tokens of {cross_dim}")
+    config = {"projector": "linear", "num_tokens": num_tokens, "input_dim": int(proj.shape[1])}
     return config, "image_embeds", {k: (v, k) for k, v in sd.items()}
 
 
@@ -174,10 +185,13 @@ def _resampler(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], str, dict[s
     proj_in = _need(sd, "proj_in.weight", 2)
     to_q = _need(sd, "layers.0.0.to_q.weight", 2)
     ff_in = _need(sd, "layers.0.1.1.weight", 2)
+    if latents.shape[0] != 1:
+        raise CheckpointError(f"key {IMAGE_PROJ}latents: expected shape [1, num_tokens, dim], got {tuple(latents.shape)}.")
+    _check_tokens(int(latents.shape[1]), f"latents has shape {tuple(latents.shape)}")
     dim = int(latents.shape[2])
     inner = int(to_q.shape[0])
     heads, dim_head = (inner // 64, 64) if inner % 64 == 0 else (1, inner)  # official releases use 64-d heads
-    depth = 1 + max(int(m.group(1)) for m in (_RESAMPLER_ATTN.match(k) or _RESAMPLER_FF.match(k) for k in sd) if m)
+    depth = _resampler_depth(sd)
     config = {
         "projector": "resampler",
         "num_tokens": int(latents.shape[1]),
@@ -206,6 +220,60 @@ def _resampler(sd: dict[str, torch.Tensor]) -> tuple[dict[str, Any], str, dict[s
         else:
             mapped[key] = (value, key)
     return config, "hidden_states", mapped
+
+
+def _check_tokens(count: int, what: str) -> None:
+    if count > MAX_TOKENS:
+        raise CheckpointError(
+            f"key {IMAGE_PROJ}{what}, more than the {MAX_TOKENS} tokens per reference an IP-Adapter file may have (official files "
+            "have 4 or 16): the file is corrupt or not an IP-Adapter."
+        )
+
+
+def _resampler_depth(sd: dict[str, torch.Tensor]) -> int:
+    """The number of resampler layers: the file's ``layers.<i>.*`` must number them exactly ``0..n-1``, ``n <= MAX_RESAMPLER_DEPTH``.
+
+    Checked before anything is built, so a key such as ``layers.99999999999.0.norm1.weight`` is an
+    error naming it, not a request for that many layers.
+    """
+    indices: dict[int, str] = {}
+    for key in sd:
+        match = _RESAMPLER_LAYER.match(key)
+        if match is None:
+            continue
+        index = match.group(1)
+        if not (index.isascii() and index.isdigit()) or (len(index) > 1 and index.startswith("0")):
+            raise CheckpointError(f"key {IMAGE_PROJ}{key}: the resampler layer index {index!r} is not a whole number.")
+        if len(index) > 4 or int(index) >= MAX_RESAMPLER_DEPTH:
+            raise CheckpointError(
+                f"key {IMAGE_PROJ}{key}: resampler layer {index} is out of range; refcond loads resamplers of at most "
+                f"{MAX_RESAMPLER_DEPTH} layers (official IP-Adapter Plus files have 4), numbered from 0."
+            )
+        indices.setdefault(int(index), key)
+    if not indices:
+        raise CheckpointError(f"no {IMAGE_PROJ}layers.<i>.* keys: an IP-Adapter Plus file's resampler has at least one layer.")
+    depth = max(indices) + 1
+    gaps = [i for i in range(depth) if i not in indices]
+    if gaps:
+        raise CheckpointError(
+            f"the resampler's layers are numbered {_ranges(sorted(indices))}, but they must be 0..{depth - 1} without gaps: "
+            f"no {IMAGE_PROJ}layers.{gaps[0]}.* key (key {IMAGE_PROJ}{indices[max(indices)]} implies {depth} layers)."
+        )
+    return depth
+
+
+def _ranges(numbers: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``0-2, 5``."""
+    parts: list[str] = []
+    start = prev = numbers[0]
+    for n in [*numbers[1:], None]:
+        if n is not None and n == prev + 1:
+            prev = n
+            continue
+        parts.append(str(start) if start == prev else f"{start}-{prev}")
+        if n is not None:
+            start = prev = n
+    return ", ".join(parts)
 
 
 def _check_projector_shapes(mapped: dict[str, tuple[torch.Tensor, str]], config: CrossAttentionConfig, cross_dim: int) -> None:
@@ -244,8 +312,8 @@ def _file_key(refcond_key: str, projector: str) -> str:
 
 
 def _natural(key: str) -> list[tuple[int, str]]:
-    """Sort key that puts ``layers.2`` before ``layers.10``."""
-    return [(int(p), "") if p.isdigit() else (-1, p) for p in re.split(r"(\d+)", key)]
+    """Sort key that puts ``layers.2`` before ``layers.10`` (numbers compared by length then digits, never converted)."""
+    return [(len(p.lstrip("0")), p) if p.isdigit() else (-1, p) for p in re.split(r"([0-9]+)", key)]
 
 
 def _problem_list(title: str, problems: list[str]) -> str:

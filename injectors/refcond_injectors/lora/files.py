@@ -7,19 +7,24 @@ as ``load_lora_weights`` sees it.
 
 from __future__ import annotations
 
+import math
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from refcond import CheckpointError, ConfigError, IncompatibleBackboneError
-from refcond import PICKLE_SUFFIXES, read_checkpoint
+from refcond import PICKLE_SUFFIXES, check_state_dict, read_checkpoint
 
 #: ``owner/name``: how a Hugging Face hub id looks (anything else that does not exist is a missing path).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_-]+")
+#: The largest alpha a LoRA file may give: float16's largest finite value, refcond's bound on any weight.
+MAX_ALPHA = float(torch.finfo(torch.float16).max)
 
 
 @dataclass(frozen=True)
@@ -60,20 +65,29 @@ def locate(path: str, weight_name: str | None = None, *, allow_pickle: bool = Fa
     local = Path(path).expanduser()
     if weight_name is not None and Path(weight_name).suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         _refuse_pickle(f"{path}/{weight_name}")
-    if local.is_file():
+    if _exists(local) and not local.is_dir():
         if weight_name is not None:
             raise ConfigError(f"LoRA {path!r} is a file, so weight_name={weight_name!r} has nothing to pick from: drop weight_name.")
+        _require_regular_file(local)  # a FIFO or a device is refused before anything opens it
         read_checkpoint_kind(local, allow_pickle)
         return LoraLocation(str(local), None, str(local), local.stem)
     if local.is_dir():
         if weight_name is not None:
             target = local / weight_name
-            if not target.is_file():
+            if not _exists(target) or target.is_dir():
                 raise CheckpointError(f"LoRA folder {str(local)!r} has no file {weight_name!r}; it holds: {_listing(local)}.")
+            _require_regular_file(target)
             read_checkpoint_kind(target, allow_pickle)
             return LoraLocation(str(local), weight_name, str(target), Path(weight_name).stem)
-        safe = sorted(p.name for p in local.iterdir() if p.suffix == ".safetensors")
-        pickled = sorted(p.name for p in local.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+        entries = [p for p in local.iterdir() if _is_regular(p)]  # diffusers picks among these: never a pipe or a device
+        odd = sorted(p.name for p in local.iterdir() if p.suffix.lower() in (".safetensors", *PICKLE_SUFFIXES) and not _is_regular(p))
+        if odd:
+            raise CheckpointError(
+                f"LoRA folder {str(local)!r} holds {odd[0]!r}, which is not a regular file (a pipe, a device or a folder): "
+                "diffusers would open it when it looks for the LoRA. Remove it, or give the LoRA file's own path."
+            )
+        safe = sorted(p.name for p in entries if p.suffix == ".safetensors")
+        pickled = sorted(p.name for p in entries if p.suffix.lower() in PICKLE_SUFFIXES)
         if not safe and not (pickled and allow_pickle):
             if pickled:
                 _refuse_pickle(str(local / pickled[0]))
@@ -98,6 +112,38 @@ def read_checkpoint_kind(path: Path, allow_pickle: bool) -> None:
     if suffix in PICKLE_SUFFIXES:
         _refuse_pickle(str(path))
     read_checkpoint(path, allow_pickle=False)  # raises refcond's CheckpointError for an unknown file type
+
+
+def _exists(path: Path) -> bool:
+    """Whether ``path`` names something (a broken symlink too: refused later with its own message), without opening it."""
+    try:
+        return path.exists() or path.is_symlink()
+    except (OSError, ValueError):
+        return True  # a name too long, a NUL byte: _require_regular_file says what is wrong
+
+
+def _require_regular_file(path: Path) -> None:
+    """Refuse a FIFO, a device, a socket or a broken link from its ``stat`` (symlinks followed), without opening it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise CheckpointError(f"LoRA file {str(path)!r} not found (a symlink whose target does not exist).") from None
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"LoRA file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}. Check the path.") from None
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+        kind = next((name for test, name in kinds if test(mode)), "special file")
+        raise CheckpointError(
+            f"LoRA file {str(path)!r} is a {kind}, not a regular file; refcond reads weights only from regular files "
+            "(it would block or read forever on this one). Copy the LoRA to a file and give its path."
+        )
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return path.is_file()  # stat, following symlinks; opens nothing
+    except (OSError, ValueError):
+        return False
 
 
 def _refuse_pickle(label: str) -> None:
@@ -146,7 +192,7 @@ def read_lora(pipeline: Any, where: LoraLocation, *, allow_pickle: bool) -> Lora
         kwargs["unet_config"] = pipeline.unet.config  # as its load_lora_weights does: maps Kohya's SGM block names
     try:
         state_dict, alphas, metadata = pipeline.lora_state_dict(where.location, return_lora_metadata=True, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:  # diffusers' and safetensors' many kinds
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError, IndexError, RecursionError) as exc:  # diffusers' and safetensors' many kinds
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if isinstance(exc, KeyError) or "renamed" in reason:
             reason = (
@@ -156,4 +202,26 @@ def read_lora(pipeline: Any, where: LoraLocation, *, allow_pickle: bool) -> Lora
         raise CheckpointError(f"cannot read LoRA {where.label!r}: {reason}") from None
     if not state_dict:
         raise CheckpointError(f"LoRA {where.label!r} holds no tensors.")
+    check_lora_values(state_dict, alphas, where.label)
     return LoraFile(dict(state_dict), alphas or None, metadata)
+
+
+def check_lora_values(state_dict: dict[str, Any], alphas: dict[str, Any] | None, label: str) -> None:
+    """Refuse what refcond refuses in every checkpoint (:func:`refcond.check_state_dict` with ``values=True``: NaN, inf,
+    huge or empty tensors, odd keys), and LoRA weights that are not floating-point or alphas that are not finite numbers."""
+    where = f"LoRA {label!r} (keys as diffusers names them)"
+    check_state_dict(None, state_dict, title=where, values=True)
+    integral = sorted(k for k, v in state_dict.items() if not v.is_floating_point())
+    if integral:
+        key = integral[0]
+        raise CheckpointError(
+            f"{where}: key {key!r} holds {str(state_dict[key].dtype).removeprefix('torch.')} values; LoRA weights are floating-point. "
+            "The file is corrupt or not a LoRA."
+        )
+    for key, alpha in (alphas or {}).items():
+        value = float(alpha.item()) if isinstance(alpha, torch.Tensor) and alpha.numel() == 1 else alpha
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and abs(value) <= MAX_ALPHA):
+            raise CheckpointError(
+                f"{where}: the alpha of {key!r} is {value!r}; an alpha is a finite number of magnitude at most {MAX_ALPHA:g} "
+                "(usually the rank). The file is corrupt: download or export it again."
+            )

@@ -14,7 +14,9 @@ official key                                              refcond key           
 ========================================================  =====================================  ==========================
 
 ``<i>`` counts the UNet's cross-attention layers in ``unet.attn_processors`` order. Sizes (projector
-width, number of reference tokens, LoRA rank) are read from the file. Without ``multimodal_llm.*``
+width, number of reference tokens, LoRA rank) are read from the file's shapes, which refcond has
+checked hold values, and bounded before anything is built: the reference tokens live in the
+projector's input width and number at most :data:`MAX_REFERENCE_TOKENS`. Without ``multimodal_llm.*``
 (the alignment-pretraining stage trains no MLLM weights) the encoder keeps the weights of the
 Qwen2-VL it loads; without LoRA keys (stage 1) the composition gets no LoRA layers.
 
@@ -50,8 +52,11 @@ PROJECTOR, AGGREGATOR, MLLM, UNET = "image_proj_model.", "mllm_final_layer.", "m
 IGNORED_PREFIXES = ("adapter_modules.",)
 CROSS_ATTENTION, LORA = "cross-attention", "lora"
 
-_IP_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<name>to_k_ip|to_v_ip)\.weight$")
-_LORA_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<target>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight$")
+#: Most reference tokens an EasyRef file may hold (the official release: 64; the last layer's attention grows with their square).
+MAX_REFERENCE_TOKENS = 1024
+
+_IP_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<name>to_k_ip|to_v_ip)\.weight$", re.ASCII)
+_LORA_KEY = re.compile(r"^(?P<processor>.+\.processor)\.(?P<target>to_q|to_k|to_v|to_out)_lora\.(?P<side>down|up)\.weight$", re.ASCII)
 #: Official LoRA names -> the projections of diffusers' Attention they wrap.
 _LORA_TARGETS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"}
 #: transformers 4.x (the official code) and 5.x name the MLLM's parts differently; both import.
@@ -110,9 +115,18 @@ class EasyRefFormat:
             )
 
         tokens = parts[AGGREGATOR].get("reference_tokens")
-        if tokens is None or tokens.ndim != 2:
-            got = "missing" if tokens is None else f"shape {tuple(tokens.shape)}"
-            raise CheckpointError(f"key {AGGREGATOR}reference_tokens: expected a [num_tokens, hidden] tensor, {got}.")
+        hidden = projector_config["input_dim"]  # the projector reads the MLLM's hidden states, where the tokens live
+        if tokens is None or tokens.ndim != 2 or int(tokens.shape[1]) != hidden:
+            got = "missing" if tokens is None else f"got shape {tuple(tokens.shape)}"
+            raise CheckpointError(
+                f"key {AGGREGATOR}reference_tokens: expected a [num_tokens, {hidden}] tensor (the MLLM's hidden size, which "
+                f"{PROJECTOR}proj.0.weight reads), {got}."
+            )
+        if int(tokens.shape[0]) > MAX_REFERENCE_TOKENS:
+            raise CheckpointError(
+                f"key {AGGREGATOR}reference_tokens has shape {tuple(tokens.shape)}: {tokens.shape[0]} reference tokens, more than "
+                f"the {MAX_REFERENCE_TOKENS} an EasyRef file may hold (the official release has 64). The file is corrupt or not EasyRef's."
+            )
         composition: dict[str, Any] = {
             "aggregator": {"name": "reference-tokens", "config": {"num_tokens": int(tokens.shape[0])}},
             "injectors": {CROSS_ATTENTION: {"config": projector_config}, LORA: {"config": {"layers": lora_config}}},
@@ -200,8 +214,14 @@ def _unet(
     if not lora:
         return ip_weights, {}, None, base
 
+    for key in lora:
+        if sd[key].ndim != 2:
+            raise CheckpointError(f"key {UNET}{key}: a LoRA weight is a matrix ([rank, in] or [out, rank]), got shape {tuple(sd[key].shape)}.")
+    downs = [k for k, (_, _, side) in lora.items() if side == "down"]
+    if not downs:
+        raise CheckpointError(f"the UNet LoRA has up weights (e.g. {UNET}{next(iter(lora))}) but no .down.weight keys: the file is incomplete.")
     targets = [t for t in _LORA_TARGETS if any(target == t for _, target, _ in lora.values())]
-    rank = int(sd[next(k for k, (_, _, side) in lora.items() if side == "down")].shape[0])
+    rank = int(sd[downs[0]].shape[0])
     expected_lora: dict[str, tuple[int, ...]] = {}
     renamed: dict[str, str] = {}
     for processor in unet.attn_processors:
