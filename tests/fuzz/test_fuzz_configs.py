@@ -7,12 +7,6 @@ memory cap. The inputs come in every shape: JSON-like values of any type and siz
 (NaN and infinities, integers of thousands of digits, nesting thousands of levels deep), the
 registered components with their config fields set to values at and beyond their bounds, composition
 files as TOML/JSON text or random bytes, and ``refcond generate --set`` items.
-
-Two shapes are left to :func:`test_overrides_of_every_shape` (which applies them with
-``Composition.with_overrides`` alone) instead of ``from_pipe``: a composition that is neither a
-name, a file, a dict nor a Composition, and a backbone override that is neither a name, a dict of
-``name``/``config`` nor None. ``refcond.building`` reads both before the overrides are checked
-(tests/test_config.py holds them as strict xfails until it hands them to ``Composition.parse``).
 """
 
 from __future__ import annotations
@@ -290,9 +284,11 @@ def mllm_safe(value: Any, files: dict[str, Path]) -> Any:
 @st.composite
 def compositions(draw: st.DrawFn, files: dict[str, Path]) -> Any:
     """A registered recipe or an unknown name, a dict of roles, a composition file, or a Composition."""
-    kind = draw(st.sampled_from(["name", "dict", "dict", "file", "object"]))
+    kind = draw(st.sampled_from(["name", "dict", "dict", "file", "object", "anything"]))
     if kind == "name":
         return draw(st.one_of(st.sampled_from(["ip-adapter", "lora-tuning", "easyref"]), text()))
+    if kind == "anything":  # a list, a number, None, ...: what is no composition at all
+        return draw(anything())
     roles = {
         "encoder": st.one_of(spec("encoder", files), st.none()),
         "aggregator": st.one_of(spec("aggregator", files), st.none()),
@@ -325,10 +321,11 @@ def role_overrides(draw: st.DrawFn, files: dict[str, Path]) -> dict[str, Any]:
         st.lists(spec("injector", files), max_size=2),
         spec("injector", files),
     )
-    backbone = st.one_of(  # the shapes refcond.building reads itself before the overrides are checked (see the module docstring)
+    backbone = st.one_of(
         st.none(),
         st.sampled_from(["sd15", "sdxl", "nope"]),
         st.fixed_dictionaries({}, optional={"name": st.sampled_from(["sd15", "sdxl"]), "config": config_dicts(REGISTRY.get("backbone", "sd15").config, files)}),
+        spec("backbone", files),
     )
     roles = {
         "encoder": st.one_of(spec("encoder", files), st.none(), st.fixed_dictionaries({"config": config_dicts(REGISTRY.get("encoder", "clip").config, files)})),
@@ -448,7 +445,7 @@ def test_component_configs_at_and_beyond_their_bounds(pipe, files, data):
 
 @given(data=st.data())
 def test_overrides_of_every_shape(data):
-    """with_overrides and the config validation alone, for every shape (those from_pipe leaves to building included)."""
+    """with_overrides and the config validation alone, for overrides of every shape."""
     base = data.draw(st.sampled_from(["ip-adapter", "lora-tuning"]), label="recipe")
     overrides = data.draw(st.one_of(st.dictionaries(st.one_of(st.sampled_from(["encoder", "aggregator", "injectors", "backbone", "name"]), text()), anything(), max_size=3), anything()), label="overrides")
     overrides = materialize(overrides)
