@@ -415,3 +415,18 @@ def test_the_published_adapters_fit_the_bounds_with_room_to_spare() -> None:
         count = CrossAttentionConfig(**config).projector_parameters(input_dim, output_dim)
         assert count * 5 < MAX_PROJECTOR_PARAMETERS, name
     assert CrossAttentionConfig(projector="resampler").projector_parameters() < MAX_PROJECTOR_PARAMETERS  # a fresh SDXL-sized resampler
+
+
+def test_the_projector_size_is_checked_with_the_real_feature_sizes_before_it_is_built(monkeypatch) -> None:
+    """The config counts sizes it does not know yet at 2048; the factory counts again with the encoder's and UNet's."""
+    from refcond_injectors.cross_attention import injector as injector_module
+
+    pipe = tiny_sd15_pipeline()
+    config = {"projector": "mlp", "mlp_hidden_dim": 4096}
+    built = refcond.from_pipe(pipe, "ip-adapter", injectors={"cross-attention": {"config": config}})
+    built.detach()
+    limit = config["mlp_hidden_dim"] * 20  # the tiny encoder's features and UNet are narrow: lower the limit to reach it
+    monkeypatch.setattr(injector_module, "MAX_PROJECTOR_PARAMETERS", limit)
+    with pytest.raises(ConfigError, match=r"the mlp projector would have .* billion parameters, more than the .* allowed"):
+        refcond.from_pipe(pipe, "ip-adapter", injectors={"cross-attention": {"config": config}})
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())

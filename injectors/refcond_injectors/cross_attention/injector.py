@@ -19,7 +19,7 @@ from refcond import (
     IncompatibleBackboneError,
     RefcondError,
 )
-from refcond_injectors.cross_attention.config import CrossAttentionConfig
+from refcond_injectors.cross_attention.config import MAX_PROJECTOR_PARAMETERS, CrossAttentionConfig
 from refcond_injectors.cross_attention.layers import (
     CrossAttentionLayer,
     cross_attention_layers,
@@ -109,6 +109,14 @@ class CrossAttentionInjector(nn.Module):
                 "(e.g. encoder config model='h94/IP-Adapter', subfolder='models/image_encoder')."
             )
         unet = context.backbone.unet
+        output_dim = context.backbone.cross_attention_dim
+        count = config.projector_parameters(input_dim, output_dim)
+        if count > MAX_PROJECTOR_PARAMETERS:  # the config was checked with assumed sizes; these are the real ones
+            raise ConfigError(
+                f"injector 'cross-attention': with {input_dim}-d reference features and the UNet's {output_dim}-d tokens, the "
+                f"{config.projector} projector would have {count / 1e9:.3g} billion parameters, more than the "
+                f"{MAX_PROJECTOR_PARAMETERS / 1e9:.3g} billion allowed; choose smaller projector sizes."
+            )
         injector = cls(config, input_dim, cross_attention_layers(unet))
         with torch.no_grad():
             for layer, kv in zip(injector.layout, injector.layers):
