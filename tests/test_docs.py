@@ -363,3 +363,19 @@ def test_ci_runs_the_readme_quickstart_verbatim():
     lines = [line.strip() for line in CI_SCRIPT.read_text(encoding="utf-8").splitlines()]
     for command in QUICKSTART:
         assert any(line == command or line.startswith(command + " ") for line in lines), f".ci/run does not run: {command}"
+
+
+def test_the_user_guide_lists_every_error_type():
+    """docs/index.md's error table names every RefcondError subclass refcond defines."""
+    from refcond import compat, errors
+
+    text = (DOCS / "index.md").read_text(encoding="utf-8")
+    table = text[text.index("## Errors") : text.index("### Limits")]
+    defined = {
+        cls.__name__
+        for module in (errors, compat)
+        for cls in vars(module).values()
+        if isinstance(cls, type) and issubclass(cls, refcond.RefcondError) and cls is not refcond.RefcondError
+    }
+    missing = sorted(name for name in defined if f"| `{name}`" not in table)
+    assert not missing, f"docs/index.md's error table lacks {missing}"
