@@ -476,6 +476,19 @@ def test_a_lora_file_with_integer_weights_is_refused(tmp_path: Path, sd15: Any) 
         refcond.from_pipe(sd15, {"injectors": [{"name": "lora", "config": {"loras": [{"path": str(path)}]}}]})
 
 
+@pytest.mark.parametrize(("layout", "half"), [("diffusers", "lora_A"), ("diffusers", "lora_B"), ("attn-procs", "up")])
+def test_half_a_lora_pair_is_refused(tmp_path: Path, sd15: Any, layout: str, half: str) -> None:
+    """PEFT would leave the missing half as uninitialised memory: images that are NaN on some runs and not on others."""
+    from refcond_injectors.testing import fabricate_lora_state_dict
+
+    state = fabricate_lora_state_dict(sd15, layout)
+    dropped = next(k for k in sorted(state) if f".{half}." in k or f"_lora.{half}." in k)
+    del state[dropped]
+    path = write(tmp_path / "partial.safetensors", state)
+    with refused(r"has no '.*': the file holds half of a LoRA pair, and the missing half would be left as uninitialised memory", sd15.unet):
+        refcond.from_pipe(sd15, {"injectors": [{"name": "lora", "config": {"loras": [{"path": str(path)}]}}]})
+
+
 # -- and a good file still loads and generates finite latents -----------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """Fuzzing the checkpoints: every file is loaded, or refused with a RefcondError, and the UNet stays as it was.
 
-Generated checkpoints start valid — a refcond checkpoint (``rp.save`` of the ``ip-adapter``
-composition), official IP-Adapter base and Plus files, an official EasyRef file, LoRA files in the
+Generated checkpoints start valid — refcond checkpoints (``rp.save`` of the ``ip-adapter`` and
+``easyref`` compositions), official IP-Adapter base and Plus files, an official EasyRef file, LoRA files in the
 diffusers and Kohya layouts — and are then mutated:
 
 - metadata: ``refcond.composition`` / ``refcond.provenance`` / ``refcond.format_version`` replaced by
@@ -30,7 +30,7 @@ from typing import Any
 
 import pytest
 import torch
-from fuzzing import guard, same_state, unet_state
+from fuzzing import TALLY, guard, same_state, unet_state
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from refcond_easyref.testing import fabricate_official_checkpoint, tiny_easyref_overrides
@@ -42,7 +42,11 @@ from refcond.checkpoints import native
 from refcond.testing import reference_images, save_tiny_qwen2vl, tiny_sd15_pipeline, tiny_sdxl_pipeline
 
 SURFACE = "checkpoints"
-KINDS = ("refcond", "ip-base", "ip-plus", "easyref", "lora-diffusers", "lora-kohya")
+KINDS = ("refcond", "refcond-easyref", "ip-base", "ip-plus", "easyref", "lora-diffusers", "lora-kohya")
+#: The kinds whose files are refcond checkpoints (metadata and all).
+REFCOND_KINDS = ("refcond", "refcond-easyref")
+#: The kinds loaded on the SDXL pipeline.
+SDXL_KINDS = ("refcond-easyref", "easyref")
 
 #: Text of any Unicode but lone surrogates (a safetensors key or metadata value is UTF-8).
 TEXT = st.text(st.characters(exclude_categories=("Cs",)), max_size=24)
@@ -73,12 +77,13 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     folder = tmp_path_factory.mktemp("fuzz-checkpoints")
     sd15, sdxl = tiny_sd15_pipeline(), tiny_sdxl_pipeline()
     overrides = tiny_easyref_overrides(save_tiny_qwen2vl(folder / "qwen2vl"))
-    rp = refcond.from_pipe(sd15, "ip-adapter", seed=0)
-    with pytest.warns(UserWarning, match="built in memory"):
-        saved = rp.save(folder / "refcond.safetensors")
-    rp.detach()
+    saved = {}
+    for kind, rp in (("refcond", refcond.from_pipe(sd15, "ip-adapter", seed=0)), ("refcond-easyref", refcond.from_pipe(sdxl, "easyref", seed=0, **overrides))):
+        with pytest.warns(UserWarning, match="built in memory"):
+            saved[kind] = refcond.read_checkpoint(rp.save(folder / f"{kind}.safetensors"))  # the MLLM is borrowed: named, not stored
+        rp.detach()
     bases = {
-        "refcond": refcond.read_checkpoint(saved),
+        **saved,
         "ip-base": (fabricate_ip_adapter_state_dict(sd15.unet, sd15.image_encoder, "base", seed=1), {}),
         "ip-plus": (fabricate_ip_adapter_state_dict(sd15.unet, sd15.image_encoder, "plus", seed=2, resampler_depth=2), {}),
         "easyref": (fabricate_official_checkpoint(sdxl.unet, seed=3), {"format": "pt"}),
@@ -93,7 +98,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 def load(world: World, kind: str, path: Any, how: int) -> None:
     """Load ``path`` as a ``kind`` file (``how`` picks the entry point); generate once when accepted."""
-    pipe = world.sdxl if kind == "easyref" else world.sd15
+    pipe = world.sdxl if kind in SDXL_KINDS else world.sd15
 
     def action() -> Any:
         if kind.startswith("lora"):
@@ -102,7 +107,7 @@ def load(world: World, kind: str, path: Any, how: int) -> None:
                 return rp("a cat", num_inference_steps=1, output_type="latent", generator=torch.Generator().manual_seed(0)).images
             finally:
                 rp.detach()
-        if kind == "refcond" or how == 1:
+        if kind in REFCOND_KINDS or how == 1:
             rp = refcond.load(path, pipe, **(world.overrides if kind == "easyref" else {}))
         elif kind == "easyref":
             rp = refcond.from_pipe(pipe, "easyref", checkpoint=path, **world.overrides)
@@ -113,7 +118,31 @@ def load(world: World, kind: str, path: Any, how: int) -> None:
         finally:
             rp.detach()
 
-    guard(SURFACE, action, state=lambda: unet_state(pipe.unet), same=same_state)
+    guard(SURFACE, action, state=lambda: pipeline_state(pipe), same=same_pipeline)
+
+
+#: The pipeline's models an input may touch: the UNet (injectors, LoRA), the text encoders (LoRA files), the CLIP image encoder (borrowed).
+MODELS = ("text_encoder", "text_encoder_2", "image_encoder", "vae")
+
+
+def pipeline_state(pipe: Any) -> dict[str, Any]:
+    """:func:`fuzzing.unet_state` of the UNet, and the weights and module classes of the pipeline's other models."""
+    state = {"unet": unet_state(pipe.unet)}
+    for name in MODELS:
+        model = getattr(pipe, name, None)
+        if model is not None:
+            state[name] = ({k: v.detach().clone() for k, v in model.state_dict().items()}, [type(m).__name__ for m in model.modules()])
+    return state
+
+
+def same_pipeline(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    if before.keys() != after.keys() or not same_state(before["unet"], after["unet"]):
+        return False
+    for name in before.keys() - {"unet"}:
+        (weights, modules), (weights_after, modules_after) = before[name], after[name]
+        if modules != modules_after or weights.keys() != weights_after.keys() or not all(torch.equal(weights[k], weights_after[k]) for k in weights):
+            return False
+    return True
 
 
 def lora_only(path: Any) -> dict[str, Any]:
@@ -134,6 +163,15 @@ def write(world: World, tensors: dict[str, torch.Tensor], metadata: dict[str, st
     except Exception:  # noqa: BLE001 - a file safetensors cannot write (e.g. a key it refuses) is no input
         assume(False)
     return path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_valid_checkpoints_load_and_generate(world: World, kind: str) -> None:
+    """The starting points are accepted and generate finite latents (else the mutations would prove nothing)."""
+    tensors, metadata = world.bases[kind]
+    before = sum(c.get("accepted", 0) for c in TALLY.counts.values())
+    load(world, kind, write(world, tensors, metadata), 0)
+    assert sum(c.get("accepted", 0) for c in TALLY.counts.values()) == before + 1, f"the valid {kind} checkpoint was refused"
 
 
 # -- metadata ----------------------------------------------------------------------------------------
@@ -164,7 +202,7 @@ def metadata_value(current: str | None, data: st.DataObject) -> str:
     if choice == "inside" and current is not None:
         try:
             return json.dumps(replace_inside(json.loads(current), data))
-        except ValueError:
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than Python reads (a previous mutation)
             return current
     if choice == "deep":
         return deep(data.draw(st.sampled_from([20, 33, 40, 1000, 100_000])), data.draw(st.sampled_from(["list", "object"])))
@@ -177,7 +215,8 @@ def metadata_value(current: str | None, data: st.DataObject) -> str:
 
 @given(data=st.data())
 def test_metadata(world: World, data: st.DataObject) -> None:
-    tensors, metadata = world.bases["refcond"]
+    kind = data.draw(st.sampled_from(REFCOND_KINDS), label="kind")
+    tensors, metadata = world.bases[kind]
     metadata = dict(metadata)
     for _ in range(data.draw(st.integers(1, 3), label="mutations")):
         key = data.draw(st.sampled_from([native.COMPOSITION_KEY, native.PROVENANCE_KEY, native.VERSION_KEY, "other"]), label="key")
@@ -188,7 +227,7 @@ def test_metadata(world: World, data: st.DataObject) -> None:
         else:
             metadata[key] = metadata_value(metadata.get(key), data)
     path = write(world, tensors, metadata)
-    load(world, "refcond", path, 0)
+    load(world, kind, path, 0)
     describe(path)
 
 
@@ -207,8 +246,8 @@ def renamed(key: str, kind: str, data: st.DataObject) -> str:
         i = data.draw(st.integers(0, len(parts) - 1))
         parts[i] = data.draw(TEXT)
         return ".".join(parts)
-    if choice == "role" and kind == "refcond" and key.startswith("injector.0."):
-        return "injector." + data.draw(st.sampled_from(["cross-attention", "lora", "1", "99999999", "encoder"])) + key[len("injector.0") :]
+    if choice == "role" and kind in REFCOND_KINDS and key.startswith(("injector.0.", "injector.1.")):
+        return "injector." + data.draw(st.sampled_from(["cross-attention", "lora", "0", "1", "2", "99999999", "encoder"])) + key[len("injector.0") :]
     if choice == "prefix":
         prefixes = ["image_proj.", "ip_adapter.", "encoder.", "aggregator.", "injector.0.", "mllm_final_layer.", "image_proj_model.", "unet.", "multimodal_llm.", ""]
         return data.draw(st.sampled_from(prefixes)) + key.split(".", 1)[-1]
@@ -303,7 +342,7 @@ def test_bytes(world: World, data: st.DataObject) -> None:
     path = world.folder / f"example{next(counter)}.safetensors"
     path.write_bytes(bytes(raw))
     load(world, kind, path, data.draw(st.integers(0, 1), label="how"))
-    if kind == "refcond":
+    if kind in REFCOND_KINDS:
         describe(path)
 
 
@@ -338,6 +377,6 @@ def special(folder: Path, kind: str) -> Path:
 def test_special_files(world: World, data: st.DataObject) -> None:
     kind = data.draw(st.sampled_from(["fifo", "symlink-to-fifo", "folder", "symlink-to-folder", "device", "zero", "broken-symlink", "loop", "empty"]))
     path = special(world.folder, kind)
-    load(world, data.draw(st.sampled_from(KINDS[:4]), label="as"), path, data.draw(st.integers(0, 1), label="how"))
+    load(world, data.draw(st.sampled_from(KINDS[:5]), label="as"), path, data.draw(st.integers(0, 1), label="how"))
     describe(path)
     load(world, "lora-diffusers", path, 0)

@@ -172,6 +172,22 @@ class LoraFile:
     metadata: dict[str, Any] | None
 
 
+#: The two halves of a LoRA layer in the names diffusers' ``lora_state_dict`` returns (PEFT, attention processors, Kohya).
+_HALVES = (("lora_A", "lora_B"), ("down", "up"), ("lora_down", "lora_up"))
+
+
+def _partner(key: str) -> str | None:
+    """The key of the other half of ``key``'s LoRA pair (``...lora_A.weight`` <-> ``...lora_B.weight``), or None."""
+    head, _, leaf = key.rpartition(".")
+    base, _, half = head.rpartition(".")
+    if leaf != "weight" or not base:
+        return None
+    for a, b in _HALVES:
+        if half in (a, b):
+            return f"{base}.{b if half == a else a}.{leaf}"
+    return None
+
+
 def require_lora_support(pipeline: Any) -> None:
     """Raise unless ``pipeline`` loads LoRA through diffusers' PEFT backend."""
     from diffusers.loaders.lora_base import LoraBaseMixin
@@ -208,9 +224,18 @@ def read_lora(pipeline: Any, where: LoraLocation, *, allow_pickle: bool) -> Lora
 
 def check_lora_values(state_dict: dict[str, Any], alphas: dict[str, Any] | None, label: str) -> None:
     """Refuse what refcond refuses in every checkpoint (:func:`refcond.check_state_dict` with ``values=True``: NaN, inf,
-    huge or empty tensors, odd keys), and LoRA weights that are not floating-point or alphas that are not finite numbers."""
+    huge or empty tensors, odd keys), half of a LoRA pair (``lora_A`` without ``lora_B``, ``down`` without ``up``), LoRA
+    weights that are not floating-point, and alphas that are not finite numbers."""
     where = f"LoRA {label!r} (keys as diffusers names them)"
     check_state_dict(None, state_dict, title=where, values=True)
+    halves = sorted((key, partner) for key in state_dict if (partner := _partner(key)) is not None and partner not in state_dict)
+    if halves:
+        key, partner = halves[0]
+        more = f" (and {len(halves) - 1} more keys like it)" if len(halves) > 1 else ""
+        raise CheckpointError(
+            f"{where}: key {key!r} has no {partner!r}{more}: the file holds half of a LoRA pair, and the missing half would "
+            "be left as uninitialised memory. The file is incomplete: download or export it again."
+        )
     integral = sorted(k for k, v in state_dict.items() if not v.is_floating_point())
     if integral:
         key = integral[0]
