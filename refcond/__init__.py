@@ -7,7 +7,7 @@
 
 from refcond.aggregators import require_per_reference_tokens, split_references
 from refcond.building import check_state_dict
-from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata, write_safetensors
+from refcond.checkpoints.io import PICKLE_SUFFIXES, read_checkpoint, read_metadata, require_regular_file, write_safetensors
 from refcond.checkpoints.native import describe_checkpoint
 from refcond.config import ComponentConfig, ComponentSpec, Composition, EmptyConfig
 from refcond.contracts import (
@@ -95,6 +95,7 @@ __all__ = [
     "read_checkpoint",
     "read_metadata",
     "require_per_reference_tokens",
+    "require_regular_file",
     "split_references",
     "weights_fingerprint",
     "write_safetensors",

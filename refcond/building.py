@@ -140,7 +140,10 @@ def build(
                 )
             comp = resolve_composition(imported.recipe, registry)
         comp = _finalise(comp.with_overrides(imported.composition), overrides, backbone_spec)
-        typed = comp.validate_components(registry)
+        try:
+            typed = comp.validate_components(registry)
+        except ConfigError as exc:  # settings the file stores or implies: say which file
+            raise ConfigError(f"{file.where} ({imported.source} checkpoint): {exc}") from None
     assert comp is not None
 
     context = BuildContext(backbone=backbone)

@@ -555,3 +555,12 @@ def test_a_path_no_file_system_holds_is_a_config_error(source: dict[str, Any]) -
         refcond.from_pipe(pipe, lora_only(source))
     with pytest.raises(refcond.ConfigError, match=r"output_dir: the name '.*'\.\.\. is 300 bytes long"):
         refcond.from_pipe(pipe, lora_only(tuning={"output_dir": "w" * 300}))
+
+
+def test_a_file_named_like_a_module_attribute_gets_an_adapter_name_that_does_not_shadow_it(tmp_path, sd15_pipe):
+    path = write_lora(tmp_path, sd15_pipe, "kohya", seed=1, name="half")  # PEFT would set layer.half = ModuleDict
+    rp = refcond.from_pipe(sd15_pipe, lora_only({"path": str(path)}))
+    assert rp.attachments[0].adapter_names == ["half_lora"]
+    rp.detach()
+    with pytest.raises(refcond.ConfigError, match=r"adapter name 'float' is the name of a torch module attribute"):
+        refcond.from_pipe(sd15_pipe, lora_only({"path": str(path), "adapter_name": "float"}))

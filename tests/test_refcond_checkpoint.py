@@ -84,3 +84,20 @@ def test_weights_for_a_role_without_weights_are_named_plainly(tmp_path: Path) ->
     refcond.write_safetensors(path, {**state, "aggregator.norm_in.bias": torch.zeros(2)}, metadata)  # 'mean' has no weights
     with pytest.raises(refcond.CheckpointError, match=r"aggregator has no weights, but the checkpoint has 1 keys for it, e\.g\. 'aggregator\.norm_in\.bias'\."):
         refcond.load(path, tiny_sd15_pipeline())
+
+
+def test_a_stored_setting_out_of_bounds_names_the_file(tmp_path: Path) -> None:
+    import json
+
+    from refcond.checkpoints import native
+
+    rp = refcond.from_pipe(tiny_sd15_pipeline(), "ip-adapter", seed=0)
+    with pytest.warns(UserWarning, match="built in memory"):
+        path = rp.save(tmp_path / "ip.safetensors")
+    rp.detach()
+    state, metadata = refcond.read_checkpoint(path)
+    composition = json.loads(metadata[native.COMPOSITION_KEY])
+    composition["injectors"][0]["config"]["num_tokens"] = 10**6
+    refcond.write_safetensors(path, state, {**metadata, native.COMPOSITION_KEY: json.dumps(composition)})
+    with pytest.raises(refcond.ConfigError, match=r"(?s)ip\.safetensors \(refcond checkpoint\): invalid configuration for injectors\[0\] 'cross-attention'.*num_tokens"):
+        refcond.load(path, tiny_sd15_pipeline())

@@ -94,8 +94,13 @@ def checkpoint_path(path: Any) -> Path:
         raise CheckpointError(f"checkpoint path {_short(path)} is not a text path; pass it as a str or pathlib.Path.") from None
 
 
-def require_regular_file(path: Path, what: str = "checkpoint") -> None:
-    """Raise :class:`CheckpointError` unless ``path`` is a regular file (symlinks followed), judged by ``stat`` without opening it."""
+def require_regular_file(path: str | Path, what: str = "checkpoint") -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a regular file (symlinks followed), judged by ``stat`` without opening it.
+
+    ``what`` names the file in messages (``"checkpoint"``, ``"LoRA file"``). A FIFO, a device or a
+    socket would block or never end when read, so it is refused before anything opens it.
+    """
+    path = Path(path)
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:

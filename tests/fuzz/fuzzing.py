@@ -96,7 +96,12 @@ def write_report() -> Path | None:
 
 @contextmanager
 def time_limit(seconds: float = TIME_LIMIT) -> Iterator[None]:
-    """Raise :class:`Hang` in the main thread after ``seconds`` (SIGALRM also interrupts a blocking open or read)."""
+    """Raise :class:`Hang` in the main thread after ``seconds``.
+
+    SIGALRM interrupts Python code and a blocking open or read made from Python; it cannot interrupt
+    native code that holds the GIL (safetensors opening a FIFO, for one), which is why refcond refuses
+    non-regular files before opening them and the tests of that unblock a FIFO from another process.
+    """
 
     def alarm(signum: int, frame: Any) -> None:
         raise Hang(f"ran past {seconds:g} s")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 
 from refcond import CheckpointError, ConfigError, IncompatibleBackboneError
-from refcond import PICKLE_SUFFIXES, check_state_dict, read_checkpoint
+from refcond import PICKLE_SUFFIXES, check_state_dict, read_checkpoint, require_regular_file
 
 #: ``owner/name``: how a Hugging Face hub id looks (anything else that does not exist is a missing path).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -68,7 +67,7 @@ def locate(path: str, weight_name: str | None = None, *, allow_pickle: bool = Fa
     if _exists(local) and not local.is_dir():
         if weight_name is not None:
             raise ConfigError(f"LoRA {path!r} is a file, so weight_name={weight_name!r} has nothing to pick from: drop weight_name.")
-        _require_regular_file(local)  # a FIFO or a device is refused before anything opens it
+        require_regular_file(local, "LoRA file")  # a FIFO or a device is refused before anything opens it
         read_checkpoint_kind(local, allow_pickle)
         return LoraLocation(str(local), None, str(local), local.stem)
     if local.is_dir():
@@ -76,7 +75,7 @@ def locate(path: str, weight_name: str | None = None, *, allow_pickle: bool = Fa
             target = local / weight_name
             if not _exists(target) or target.is_dir():
                 raise CheckpointError(f"LoRA folder {str(local)!r} has no file {weight_name!r}; it holds: {_listing(local)}.")
-            _require_regular_file(target)
+            require_regular_file(target, "LoRA file")
             read_checkpoint_kind(target, allow_pickle)
             return LoraLocation(str(local), weight_name, str(target), Path(weight_name).stem)
         entries = [p for p in local.iterdir() if _is_regular(p)]  # diffusers picks among these: never a pipe or a device
@@ -119,24 +118,7 @@ def _exists(path: Path) -> bool:
     try:
         return path.exists() or path.is_symlink()
     except (OSError, ValueError):
-        return True  # a name too long, a NUL byte: _require_regular_file says what is wrong
-
-
-def _require_regular_file(path: Path) -> None:
-    """Refuse a FIFO, a device, a socket or a broken link from its ``stat`` (symlinks followed), without opening it."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        raise CheckpointError(f"LoRA file {str(path)!r} not found (a symlink whose target does not exist).") from None
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"LoRA file {str(path)!r} cannot be read: {getattr(exc, 'strerror', None) or exc}. Check the path.") from None
-    if not stat.S_ISREG(mode):
-        kinds = ((stat.S_ISFIFO, "named pipe (FIFO)"), (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
-        kind = next((name for test, name in kinds if test(mode)), "special file")
-        raise CheckpointError(
-            f"LoRA file {str(path)!r} is a {kind}, not a regular file; refcond reads weights only from regular files "
-            "(it would block or read forever on this one). Copy the LoRA to a file and give its path."
-        )
+        return True  # a name too long, a NUL byte: require_regular_file says what is wrong
 
 
 def _is_regular(path: Path) -> bool:
@@ -159,8 +141,18 @@ def _listing(folder: Path) -> str:
 
 
 def default_adapter_name(stem: str) -> str:
-    """A PEFT-safe adapter name from a file name: ``pixel-art.v2`` -> ``pixel-art_v2``."""
-    return _UNSAFE_NAME.sub("_", stem).strip("_") or "lora"
+    """A PEFT-safe adapter name from a file name: ``pixel-art.v2`` -> ``pixel-art_v2``; ``half`` -> ``half_lora``.
+
+    PEFT keeps adapters as attributes of its layers, so a name that is already an attribute of a
+    torch module (``half``, ``float``, ``to``, ``weight``) gets a suffix.
+    """
+    name = _UNSAFE_NAME.sub("_", stem).strip("_") or "lora"
+    return f"{name}_lora" if shadows_module_attribute(name) else name
+
+
+def shadows_module_attribute(name: str) -> bool:
+    """Whether an adapter called ``name`` would collide with an attribute of the layers PEFT wraps."""
+    return hasattr(torch.nn.Linear, name) or name in ("weight", "bias", "base_layer")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from refcond_injectors.lora.checks import check_lora, loadable_components
 from refcond_injectors.lora.config import LoraInjectorConfig, LoraSource
 from refcond_injectors.lora.files import (
     default_adapter_name,
+    shadows_module_attribute,
     locate,
     read_lora,
     require_lora_support,
@@ -298,6 +299,11 @@ class LoraAttachment:
     def _adapter_name(self, spec: LoraSource, stem: str) -> str:
         taken = {name for names in self.pipeline.get_list_adapters().values() for name in names} | set(self._sources)
         if spec.adapter_name is not None:
+            if shadows_module_attribute(spec.adapter_name):
+                raise ConfigError(
+                    f"injector 'lora': adapter name {spec.adapter_name!r} is the name of a torch module attribute, which PEFT's "
+                    "layers cannot hold as an adapter; choose another (e.g. add a suffix), or leave adapter_name unset."
+                )
             if spec.adapter_name in taken:
                 raise ConfigError(
                     f"injector 'lora': adapter name {spec.adapter_name!r} is already loaded in the pipeline "
