@@ -42,6 +42,7 @@ from refcond.images import load_references
 from refcond.pipeline import RefcondPipeline, from_pipe, load
 from refcond.plugins import Plugins, from_modules, get_plugins, load_plugins
 from refcond.registry import Register
+from refcond.sources import DeviceName, check_device, check_model_source, load_pretrained
 from refcond.unet import CrossAttentionLayer, cross_attention_layers, layer_scales
 from refcond.weights import content_hash, weights_fingerprint
 
@@ -63,6 +64,7 @@ __all__ = [
     "Condition",
     "ConfigError",
     "CrossAttentionLayer",
+    "DeviceName",
     "DuplicateComponentError",
     "EmptyConfig",
     "Encoder",
@@ -79,6 +81,8 @@ __all__ = [
     "ReferenceImageError",
     "Register",
     "UnknownComponentError",
+    "check_device",
+    "check_model_source",
     "check_state_dict",
     "content_hash",
     "cross_attention_layers",
@@ -91,6 +95,7 @@ __all__ = [
     "layer_scales",
     "load",
     "load_plugins",
+    "load_pretrained",
     "load_references",
     "read_checkpoint",
     "read_metadata",

@@ -390,32 +390,6 @@ def _short(value: Any) -> str:
         return f"<a {type(value).__name__}>"
 
 
-def check_model_source(model: str, who: str) -> None:
-    """Refuse, before anything loads, a model that is neither a folder that exists nor a valid hub id.
-
-    ``who`` names the field in the message (e.g. ``"backbone 'sd15': config model"``). A valid hub
-    id that does not exist is left to the loader (which needs the network, or the local cache).
-    """
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return
-        exists = path.exists()
-    except (OSError, RuntimeError) as exc:  # a name too long for the file system, a home folder that cannot be found
-        raise ConfigError(f"{who} is {_short(model)}, which cannot be a folder here ({getattr(exc, 'strerror', None) or exc}); give a folder or a hub id.") from None
-    if exists:
-        raise ConfigError(f"{who} is {model!r}, a file: give the folder that holds the model (with its config.json), or a Hugging Face hub id.")
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        raise ConfigError(
-            f"{who} is {_short(model)}: no such folder exists, and it is not a valid Hugging Face hub id ('organisation/name'). "
-            "Check the path (relative paths start from the current folder), or give a hub id."
-        ) from None
-
-
 def merge_nested(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
     """``base`` with ``override`` merged in, level by level: a dict merges into a dict, anything else replaces."""
     merged = dict(base)

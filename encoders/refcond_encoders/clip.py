@@ -11,7 +11,7 @@ from PIL.Image import Image
 from pydantic import Field
 from transformers import CLIPImageProcessorPil, CLIPVisionModelWithProjection
 
-from refcond import BorrowedWeights, BuildContext, ComponentConfig, ConfigError, ReferenceEncoding, ReferenceImageError
+from refcond import BorrowedWeights, BuildContext, ComponentConfig, ConfigError, ReferenceEncoding, ReferenceImageError, load_pretrained
 
 # The Pillow image processor by name: transformers' CLIPImageProcessor needs torchvision and, without
 # it, warns at import and falls back to this one; with torchvision both give the same pixels.
@@ -158,43 +158,3 @@ def _check_sizes(references: Sequence[Sequence[Image]]) -> None:
                     f"{MAX_ASPECT_RATIO}:1: CLIP's processor scales the short side up to its input size before it crops the central "
                     "square, so the long side would grow to millions of pixels. Crop the image to the part CLIP should see."
                 )
-
-
-def _shown(model: str) -> str:
-    return repr(model if len(model) <= 80 else model[:77] + "...")
-
-
-def check_model_source(model: str, who: str) -> None:
-    """Refuse, before anything loads, a ``model`` that is neither a folder that exists nor a valid hub id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        path = Path(model).expanduser()
-        if path.is_dir():
-            return
-        exists = path.exists()
-    except (OSError, RuntimeError) as exc:  # a name too long for the file system, a home folder that cannot be found
-        raise ConfigError(f"{who}: config model {_shown(model)} cannot be a folder here ({getattr(exc, 'strerror', None) or exc}); give a folder or a hub id.") from None
-    if exists:
-        raise ConfigError(f"{who}: config model {model!r} is a file: give the folder that holds the model (with its config.json), or a hub id.")
-    try:
-        validate_repo_id(model)
-    except HFValidationError:
-        raise ConfigError(
-            f"{who}: config model {_shown(model)} is not a folder that exists, and not a valid Hugging Face hub id ('organisation/name'). "
-            "Check the path (relative paths start from the current folder), or give a hub id."
-        ) from None
-
-
-def load_pretrained(cls: Any, model: str, who: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(model, **kwargs)``, with a missing folder or model reported as a :class:`refcond.ConfigError`."""
-    check_model_source(model, who)
-    try:
-        return cls.from_pretrained(model, **kwargs)
-    except Exception as exc:  # noqa: BLE001 - missing files, an unknown hub id offline, a folder of another kind of model
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        reason = f"{reason[:300]} ({type(exc).__name__})."
-        raise ConfigError(
-            f"{who}: cannot load {cls.__name__} from config model {_shown(model)}: {reason} Give a local folder holding the model, "
-            "or a hub id (downloaded once, unless HF_HUB_OFFLINE=1)."
-        ) from None

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import torch
 from PIL.Image import Image
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
 from refcond import (
@@ -37,11 +37,13 @@ from refcond import (
     BuildContext,
     ComponentConfig,
     ConfigError,
+    DeviceName,
     ReferenceEncoding,
     ReferenceImageError,
+    check_device,
+    load_pretrained,
     weights_fingerprint,
 )
-from refcond_encoders.clip import load_pretrained
 
 try:  # transformers >= 5: the PIL backend works without torchvision
     from transformers import Qwen2VLImageProcessorPil as _ImageProcessor
@@ -123,20 +125,10 @@ class MllmEncoderConfig(ComponentConfig):
         default="bfloat16",
         description="Weights and activations dtype (official: bfloat16).",
     )
-    device: str | None = Field(
+    device: DeviceName | None = Field(
         default=None,
         description="Device of the model, e.g. 'cuda', 'cuda:1', 'cpu'; None = the backbone's device (or the model's own).",
     )
-
-    @field_validator("device")
-    @classmethod
-    def _a_device(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                torch.device(value)
-            except (RuntimeError, ValueError):
-                raise ValueError(f"{value!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
-        return value
 
     @model_validator(mode="after")
     def _pixel_range(self) -> MllmEncoderConfig:
@@ -210,8 +202,8 @@ class MllmEncoder(torch.nn.Module):
                 "or build the encoder in code with MllmEncoder.from_model(model, image_processor, tokenizer)."
             )
         who = "encoder 'mllm'"
-        if config.device is not None and not _device_available(torch.device(config.device)):
-            raise ConfigError(f"{who}: config device {config.device!r} is not available on this machine; use 'cpu', or None for the backbone's device.")
+        if config.device is not None:
+            check_device(config.device, f"{who}: config device")
         model = load_pretrained(
             Qwen2VLForConditionalGeneration, config.model, who, dtype=_DTYPES[config.dtype], attn_implementation="sdpa"
         )
@@ -487,18 +479,6 @@ class MllmEncoder(torch.nn.Module):
             mask,
             torch.full(mask.shape, MIXED_SOURCE, dtype=torch.long, device=self.device),
         )
-
-
-def _device_available(device: torch.device) -> bool:
-    """Whether this machine has ``device`` (``meta`` holds no weights, so it does not count)."""
-    if device.type == "cpu":
-        return True
-    if device.type == "mps":
-        return torch.backends.mps.is_available()
-    backend = getattr(torch, device.type, None)  # torch.cuda, torch.xpu, ...
-    if backend is None or not callable(getattr(backend, "is_available", None)) or not backend.is_available():
-        return False
-    return device.index is None or device.index < backend.device_count()
 
 
 def run_decoder(

@@ -11,9 +11,10 @@ from diffusers import (
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from refcond.config import ComponentConfig, check_model_source
+from refcond.config import ComponentConfig
+from refcond.sources import DeviceName, check_device, load_pretrained
 from refcond.contracts import BuildContext
 from refcond.errors import ConfigError, IncompatibleBackboneError
 
@@ -31,35 +32,7 @@ class BackboneConfig(ComponentConfig):
     )
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(default=None, description="Weights dtype; default float32.")
     variant: str | None = Field(default=None, max_length=64, description="Weights variant on the hub, e.g. 'fp16'.")
-    device: str | None = Field(default=None, description="Device to move the pipeline to, e.g. 'cuda', 'cuda:1', 'mps', 'cpu'.")
-
-    @field_validator("device")
-    @classmethod
-    def _a_device(cls, value: str | None) -> str | None:
-        if value is not None:
-            try:
-                torch.device(value)
-            except (RuntimeError, ValueError):
-                raise ValueError(f"{value!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
-        return value
-
-
-def _check_device(device: str, backbone: str) -> None:
-    """Refuse, before the pipeline loads, a device this machine lacks."""
-    parsed = torch.device(device)
-    if parsed.type == "cpu":
-        return
-    if parsed.type == "mps":
-        available = torch.backends.mps.is_available()
-    else:  # torch.cuda, torch.xpu, ...; "meta" holds no weights
-        backend = getattr(torch, parsed.type, None)
-        available = backend is not None and callable(getattr(backend, "is_available", None)) and backend.is_available()
-        available = available and (parsed.index is None or parsed.index < backend.device_count())
-    if not available:
-        raise ConfigError(
-            f"backbone {backbone!r}: config device {device!r} is not available on this machine; set device to 'cpu' "
-            "(or leave it None), or one this machine has."
-        )
+    device: DeviceName | None = Field(default=None, description="Device to move the pipeline to, e.g. 'cuda', 'cuda:1', 'mps', 'cpu'.")
 
 
 class DiffusersBackbone:
@@ -78,22 +51,14 @@ class DiffusersBackbone:
                     "or set backbone.config.model to a hub id or local folder."
                 )
             if config.device:
-                _check_device(config.device, self.name)
-            who = f"backbone {self.name!r}: config model"
-            check_model_source(config.model, who)
-            try:
-                pipeline = self.pipeline_class.from_pretrained(
-                    config.model,
-                    dtype=DTYPES[config.dtype] if config.dtype else None,
-                    variant=config.variant,
-                )
-            except Exception as exc:  # noqa: BLE001 - missing files, an unknown hub id offline, a missing variant, another kind of model
-                reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                reason = f"{reason[:300]} ({type(exc).__name__})."
-                raise ConfigError(
-                    f"{who} {config.model!r}: cannot load a diffusers pipeline from it: {reason} Give a local folder holding "
-                    "model_index.json, or a hub id (downloaded once, unless HF_HUB_OFFLINE=1)."
-                ) from None
+                check_device(config.device, f"backbone {self.name!r}: config device")
+            pipeline = load_pretrained(
+                self.pipeline_class,
+                config.model,
+                f"backbone {self.name!r}",
+                dtype=DTYPES[config.dtype] if config.dtype else None,
+                variant=config.variant,
+            )
             if config.device:
                 pipeline.to(config.device)
         elif not self.accepts(pipeline):

@@ -20,6 +20,7 @@ from refcond.checkpoints.native import stored_composition
 from refcond.cli.app import state
 from refcond.config import Composition
 from refcond.errors import ConfigError
+from refcond.sources import check_device
 from refcond.files import image_format, write_image
 from refcond.images import load_references
 from refcond.pipeline import RefcondPipeline
@@ -174,20 +175,11 @@ def backbone_override(
 
 def _parse_device(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """``--device``: a torch device that exists on this machine, checked before anything loads."""
-    if value is None:
-        return None
-    try:
-        device = torch.device(value)
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"{value!r} is not a device; use cpu, cuda, cuda:1, mps, ...") from None
-    available = {
-        "cuda": torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count()),
-        "mps": torch.backends.mps.is_available(),
-        "cpu": True,
-    }
-    if not available.get(device.type, True):
-        present = ", ".join(["cpu"] + [f"cuda:{i}" for i in range(torch.cuda.device_count())] + (["mps"] if available["mps"] else []))
-        raise click.BadParameter(f"{value!r} is not available on this machine (devices here: {present}).")
+    if value is not None:
+        try:
+            check_device(value, "--device")
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc).removeprefix("--device: ")) from None
     return value
 
 
