@@ -16,14 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from refcond.aggregators import MAX_WEIGHT
 from refcond.errors import ConfigError, did_you_mean
 
 #: The most images one prompt may ask for in one call.
 MAX_IMAGES_PER_PROMPT = 1024
 #: The most denoising steps one call may ask for.
 MAX_INFERENCE_STEPS = 10_000
-#: Reference weights are relative: their magnitude is bounded so that weighted sums stay finite in float32.
-MAX_REFERENCE_WEIGHT = 1e6
+#: Reference weights are relative: their magnitude is bounded so that weighted sums of features stay
+#: finite in float16 (the weighted-mean aggregator's bound on the weights in its config).
+MAX_REFERENCE_WEIGHT = MAX_WEIGHT
 #: Keyword arguments diffusers' pipelines still take through ``**kwargs``, with a deprecation warning.
 DEPRECATED_KEYWORDS = ("callback", "callback_steps")
 #: diffusers' output types.

@@ -150,7 +150,7 @@ valid_scales = st.one_of(
 @given(
     prompt=st.one_of(st.text(max_size=20), st.lists(st.text(max_size=8), min_size=1, max_size=2)),
     reference_scale=valid_scales,
-    reference_weights=st.one_of(st.none(), st.lists(st.floats(min_value=0.0, max_value=1e6), min_size=2, max_size=2)),
+    reference_weights=st.one_of(st.none(), st.lists(st.floats(min_value=0.0, max_value=1000.0), min_size=2, max_size=2)),
     num_images_per_prompt=st.integers(1, 2),
     guidance_scale=st.one_of(st.none(), st.floats(min_value=-20.0, max_value=20.0)),
 )
