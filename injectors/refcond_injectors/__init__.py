@@ -1,7 +1,8 @@
 """Injectors for refcond, registered through the ``refcond`` entry-point group.
 
 - ``cross-attention``: decoupled cross-attention with a projector (IP-Adapter, IP-Adapter Plus,
-  EasyRef's MLP); imports official IP-Adapter checkpoints (format ``ip-adapter``).
+  EasyRef's MLP); imports official IP-Adapter checkpoints (format ``ip-adapter``) and exports a
+  composition to that layout (:func:`to_ip_adapter`, :func:`save_ip_adapter`).
 - ``lora``: LoRA files (diffusers/PEFT, Kohya/A1111) loaded through diffusers and PEFT, several at
   once with per-LoRA and per-block weights, optionally fused; restores the pipeline exactly.
 - composition ``ip-adapter``: ``clip`` + ``mean`` + ``cross-attention``.
@@ -15,6 +16,7 @@ from refcond_injectors.cross_attention import (
     CrossAttentionConfig,
     CrossAttentionInjector,
 )
+from refcond_injectors.cross_attention.ip_adapter_export import save_ip_adapter, to_ip_adapter
 from refcond_injectors.cross_attention.ip_adapter_format import IPAdapterFormat
 from refcond_injectors.cross_attention.layers import describe_layout, family
 from refcond_injectors.cross_attention.projectors import MLP_OFFICIAL_NAMES, MLPProjector
@@ -32,6 +34,8 @@ __all__ = [
     "MLPProjector",
     "describe_layout",
     "family",
+    "save_ip_adapter",
+    "to_ip_adapter",
 ]
 
 #: IP-Adapter: pooled CLIP embeddings of the references, averaged, projected to 4 tokens each.
