@@ -6,7 +6,9 @@ section and JSON file: the UNet-step suite (the default) writes to ``REFCOND_BEN
 (default ``benchmarks/results/unet_step_ratios.json``), the LoRA suite to
 ``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``). The EasyRef
 encoder suite (times, sequence lengths, memory; no ratios) has its own table and JSON file,
-``REFCOND_BENCH_EASYREF_JSON`` (default ``benchmarks/results/easyref_encoder.json``).
+``REFCOND_BENCH_EASYREF_JSON`` (default ``benchmarks/results/easyref_encoder.json``); the
+encoding-cache suite (seconds per epoch) ``REFCOND_BENCH_ENCODING_CACHE_JSON`` (default
+``benchmarks/results/encoding_cache.json``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,20 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any)
     for name, suite in SUITES.items():
         _report(terminalreporter, config, name, suite)
     _report_easyref(terminalreporter, config)
+    _report_encoding_cache(terminalreporter, config)
+
+
+def _report_encoding_cache(terminalreporter: Any, config: Any) -> None:
+    """The encoding-cache suite: seconds per epoch after the first, cached and not (see ``test_bench_encoding_cache.py``)."""
+    session = getattr(config, "_benchmarksession", None)
+    runs = [dict(bench.extra_info) for bench in getattr(session, "benchmarks", []) if bench.extra_info.get("suite") == "encoding_cache"]
+    if not runs:
+        return
+    from test_bench_encoding_cache import write_summary
+
+    terminalreporter.section("refcond encoding cache: seconds per epoch after the first (fastest; median in brackets)")
+    for line in write_summary(runs):
+        terminalreporter.write_line(line)
 
 
 def _report_easyref(terminalreporter: Any, config: Any) -> None:

@@ -59,8 +59,13 @@ def content_hash(module: torch.nn.Module) -> str:
     Identical weights give the same hash on any device; a different dtype gives another hash. It
     reads every byte once (about a second per 1.5 GB on one CPU core).
     """
+    return tensors_hash(module.state_dict())
+
+
+def tensors_hash(tensors: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of named tensors: every name, dtype, shape and the tensor bytes, in name order (see :func:`content_hash`)."""
     digest = hashlib.sha256()
-    for key, tensor in sorted(module.state_dict().items()):
+    for key, tensor in sorted(tensors.items()):
         tensor = tensor.detach()
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         if tensor.numel():
