@@ -48,6 +48,13 @@ from refcond.weights import content_hash, weights_fingerprint
 
 __version__ = "0.1.0"
 
+
+def train(*args: object, **kwargs: object) -> object:
+    """Train a composition: :func:`refcond.training.train` (imported on first use: it loads accelerate)."""
+    from refcond.training import train as run
+
+    return run(*args, **kwargs)  # type: ignore[arg-type]
+
 __all__ = [
     "MIXED_SOURCE",
     "PICKLE_SUFFIXES",
@@ -102,6 +109,7 @@ __all__ = [
     "require_per_reference_tokens",
     "require_regular_file",
     "split_references",
+    "train",
     "weights_fingerprint",
     "write_safetensors",
 ]

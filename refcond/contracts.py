@@ -334,3 +334,8 @@ class CheckpointFormat(Protocol):
     def convert(self, state_dict: dict[str, torch.Tensor], metadata: dict[str, str], backbone: Backbone | None) -> ImportedCheckpoint:
         """Translate the file; raise :class:`refcond.CheckpointError` naming key and shape on mismatch."""
         ...
+
+    # Optional: a format that can also write its layout defines
+    #     save(self, pipeline: RefcondPipeline, path: str | Path) -> Path
+    # raising refcond.ConfigError when the composition has no such layout; `refcond train`'s
+    # `export = ["<format name>"]` calls it when a run ends.

@@ -100,3 +100,16 @@ def refcond_register_metrics(register: Register) -> None:
 
     :param register: the registration callback.
     """
+
+
+@hookspec
+def refcond_register_recipes(register: Register) -> None:
+    """Register training recipes, which ``refcond train --recipe NAME`` starts from.
+
+    Call ``register(name, recipe, description=...)`` where ``recipe`` is a partial training config (a
+    dict of :class:`refcond.training.TrainConfig` fields: the composition, the stages with what each
+    trains and how, the formats to export): the user adds the data and the model, and may override
+    any field. EasyRef's three stages and IP-Adapter's recipe are registered so.
+
+    :param register: the registration callback.
+    """

@@ -24,7 +24,7 @@ from refcond.errors import ConfigError, RefcondError, ReferenceImageError
 from refcond.images import ReferenceInput, load_references
 from refcond.plugins import Plugins, get_plugins
 from refcond.unet import layer_scales
-from refcond.weights import borrowed_weights, content_hash, describe_source, own_state_dict, weights_fingerprint
+from refcond.weights import borrowed_weights, content_hash, describe_source, is_trainable, own_state_dict, weights_fingerprint
 
 _CACHE_SIZE = 8
 
@@ -345,6 +345,17 @@ class RefcondPipeline:
                 own = own_state_dict(component, borrowed_weights(component, role), self._carried.get(role, ()))
                 out.update({f"{role}.{k}": v for k, v in own.items()})
         return out
+
+    def adopt_trained_weights(self) -> None:
+        """Count the borrowed weights that are trainable now as their components' own from now on.
+
+        A trainer calls it when a stage that fine-tuned borrowed weights (the MLLM) ends: later
+        stages may freeze them again, and checkpoints must still store the fine-tuned copy.
+        """
+        for role, component in self.components().items():
+            for part in borrowed_weights(component, role):
+                if part.prefix is not None and is_trainable(part.module):
+                    self._carried.setdefault(role, set()).add(part.prefix)
 
     def save(self, path: str | Path) -> Path:
         """Write a refcond checkpoint atomically: the weights of :meth:`state_dict`, and in the metadata the

@@ -11,7 +11,7 @@ from pydantic import BaseModel
 
 from refcond.errors import DuplicateComponentError, UnknownComponentError
 
-Kind = Literal["backbone", "encoder", "aggregator", "injector", "composition", "checkpoint_format", "metric"]
+Kind = Literal["backbone", "encoder", "aggregator", "injector", "composition", "checkpoint_format", "metric", "recipe"]
 
 #: Registration hook name -> the kind of thing it registers.
 HOOK_KINDS: dict[str, Kind] = {
@@ -22,6 +22,7 @@ HOOK_KINDS: dict[str, Kind] = {
     "refcond_register_compositions": "composition",
     "refcond_register_checkpoint_formats": "checkpoint_format",
     "refcond_register_metrics": "metric",
+    "refcond_register_recipes": "recipe",
 }
 
 #: Kinds whose entries are built by ``factory(config, context)``.
@@ -148,6 +149,8 @@ def _check_object(kind: Kind, name: str, obj: Any, provenance: Provenance) -> No
         raise TypeError(f"{provenance}: checkpoint format {name!r} must have detect() and convert() methods, got {type(obj).__name__}")
     if kind == "composition" and not isinstance(obj, (Mapping, BaseModel)):
         raise TypeError(f"{provenance}: composition {name!r} must be a refcond.Composition or a dict, got {type(obj).__name__}")
+    if kind == "recipe" and not isinstance(obj, Mapping):
+        raise TypeError(f"{provenance}: recipe {name!r} must be a dict of training-config fields, got {type(obj).__name__}")
 
 
 def _first_doc_line(obj: Any) -> str:

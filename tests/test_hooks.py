@@ -303,6 +303,41 @@ def test_hook_refcond_register_metrics():
     assert metric([white, black], [[RED]], ["a prompt"]) == {"brightness": 5.0}
 
 
+# -- recipes -------------------------------------------------------------------------------------
+
+
+def test_hook_refcond_register_recipes(tmp_path):
+    class Plugin:
+        __name__ = "toy-recipes"
+
+        @refcond.hookimpl
+        def refcond_register_recipes(self, register):
+            register("toy-projector", {"composition": "ip-adapter", "stages": [{"name": "toy", "train": ["injector.0.projector"], "steps": 10}]},
+                     description="Trains the projector only.")
+
+    registry = refcond.from_modules(Plugin()).registry
+    entry = registry.get("recipe", "toy-projector")
+    assert entry.description == "Trains the projector only."
+    # What `refcond train --recipe toy-projector --data FILE` validates: the recipe plus the user's data.
+    from refcond.training import load_train_config
+
+    (tmp_path / "train.jsonl").write_text('{"references": ["a.png"], "image": "b.png", "caption": "x"}\n')
+    config = load_train_config(entry.obj, {"data": {"path": str(tmp_path / "train.jsonl")}})
+    assert config.stages[0].train == ["injector.0.projector"] and config.stages[0].steps == 10
+
+    class Broken:
+        __name__ = "broken-recipes"
+
+        @refcond.hookimpl
+        def refcond_register_recipes(self, register):
+            register("list", ["not", "a", "table"])
+
+    plugins = refcond.from_modules(Broken())
+    with pytest.warns(RuntimeWarning, match="recipe 'list' must be a dict of training-config fields"):
+        assert plugins.registry.names("recipe") == []
+    assert [failure.plugin for failure in plugins.failures] == ["broken-recipes"]
+
+
 # -- the convention itself -----------------------------------------------------------------------
 
 HOOK_NAMES = sorted(name for name, value in vars(hookspecs).items() if hasattr(value, "refcond_spec"))

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
+import torch.utils.checkpoint
 from PIL.Image import Image
 from pydantic import Field, model_validator
 from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
@@ -188,6 +189,8 @@ class MllmEncoder(torch.nn.Module):
         self.source = config.model or getattr(model, "name_or_path", None) or None
         self._check_pieces()
         self._unconditional: tuple[Any, torch.Tensor] | None = None
+        #: Recompute the decoder layers' activations in the backward pass (training only); see gradient_checkpointing_enable.
+        self.gradient_checkpointing = False
 
     # -- building ---------------------------------------------------------------------------------
 
@@ -269,6 +272,16 @@ class MllmEncoder(torch.nn.Module):
     def borrowed_weights(self) -> list[BorrowedWeights]:
         """All of this module's weights are Qwen2-VL's: a checkpoint names them unless they were fine-tuned."""
         return [BorrowedWeights(module=self, source=self.source, prefix="")]
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Trade compute for memory while training: the vision tower and the decoder layers recompute their activations in the backward pass."""
+        self.gradient_checkpointing = True
+        self.visual.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    def gradient_checkpointing_disable(self) -> None:
+        """Keep activations again (the default)."""
+        self.gradient_checkpointing = False
+        self.visual.gradient_checkpointing_disable()
 
     # -- parts for the aggregator -----------------------------------------------------------------
 
@@ -464,7 +477,12 @@ class MllmEncoder(torch.nn.Module):
             )
         embeds = embeds.masked_scatter(image_mask[..., None], features.to(embeds.dtype))
         hidden = run_decoder(
-            self.layers, self.__dict__["rotary_emb"], embeds, mask, causal=True
+            self.layers,
+            self.__dict__["rotary_emb"],
+            embeds,
+            mask,
+            causal=True,
+            checkpointing=self.gradient_checkpointing and self.training,
         )
         return self.norm(hidden) * mask[..., None].to(hidden.dtype)
 
@@ -488,12 +506,15 @@ def run_decoder(
     mask: torch.Tensor,
     *,
     causal: bool = True,
+    checkpointing: bool = False,
 ) -> torch.Tensor:
     """Run Qwen2-VL decoder layers over ``hidden [B, L, D]`` with 1-D positions, as the official EasyRef forward.
 
     Positions count ``0, 1, ...`` from each row's first real token (``mask [B, L]`` bool), on all
     three M-RoPE axes; for an unpadded row that is ``arange(L)``. Real tokens attend to real tokens
     (earlier ones only when ``causal``); a padding query attends to itself only, so nothing is NaN.
+    With ``checkpointing`` (and gradients enabled) each layer's activations are recomputed in the
+    backward pass instead of kept.
     """
     positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
     position_embeddings = rotary_emb(hidden, positions[None].expand(3, -1, -1))
@@ -509,10 +530,14 @@ def run_decoder(
     bias = torch.zeros(
         allowed.shape, dtype=hidden.dtype, device=hidden.device
     ).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+    recompute = checkpointing and torch.is_grad_enabled()
     for layer in layers:
-        hidden = layer(
-            hidden, attention_mask=bias, position_embeddings=position_embeddings
-        )
+        if recompute:
+            hidden = torch.utils.checkpoint.checkpoint(
+                layer, hidden, attention_mask=bias, position_embeddings=position_embeddings, use_reentrant=False
+            )
+        else:
+            hidden = layer(hidden, attention_mask=bias, position_embeddings=position_embeddings)
     return hidden
 
 

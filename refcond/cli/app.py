@@ -84,6 +84,7 @@ def cli(ctx: click.Context, verbose: bool) -> None:
       refcond demo --out demo/        # an offline run on tiny random-weight models
       refcond generate --model ./sd15-pipeline --checkpoint ip-adapter_sd15.safetensors \\
           --ref a.png --ref b.png --prompt "a dog on the beach" --out dog.png
+      refcond train --recipe ip-adapter --data train.jsonl --model ./sd15-pipeline --output runs/ipa
     """
     state(ctx)
     _configure_logging(verbose)
@@ -106,8 +107,9 @@ def _register_commands() -> None:
     from refcond.cli.demo_command import demo
     from refcond.cli.generate import generate
     from refcond.cli.plugins_command import plugins
+    from refcond.cli.train_command import train
 
-    for command in (plugins, generate, demo):
+    for command in (plugins, generate, train, demo):
         cli.add_command(command)
 
 

@@ -91,10 +91,14 @@ def encoder_is_frozen(rp: Any) -> bool:
     return not own and not any(is_trainable(module) for module in _encoder_modules(rp.encoder))
 
 
+#: torch's dropout layers, by their public names.
+_DROPOUT = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout, torch.nn.FeatureAlphaDropout)
+
+
 def _is_random(encoder: Any) -> bool:
     """Whether a dropout layer of the encoder is active: its output is then a draw, not a function of its input."""
     return any(
-        isinstance(layer, torch.nn.modules.dropout._DropoutNd) and layer.training and layer.p > 0
+        isinstance(layer, _DROPOUT) and layer.training and layer.p > 0
         for module in _encoder_modules(encoder)
         for layer in module.modules()
     )

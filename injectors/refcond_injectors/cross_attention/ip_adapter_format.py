@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -91,6 +92,12 @@ class IPAdapterFormat:
             "injectors": {INJECTOR: {"config": config}},
         }
         return ImportedCheckpoint(composition=composition, state_dict=weights, source="ip-adapter", recipe="ip-adapter")
+
+    def save(self, pipeline: Any, path: str | Path) -> Path:
+        """Write ``pipeline`` in this layout (what ``refcond train``'s ``export = ["ip-adapter"]`` calls)."""
+        from refcond_injectors.cross_attention.ip_adapter_export import save_ip_adapter
+
+        return save_ip_adapter(pipeline, path)
 
 
 def _layer_weights(adapter: dict[str, torch.Tensor], backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -72,6 +72,10 @@ _MLLM_SKIPPED = ("lm_head.",)
 class EasyRefFormat:
     """Official EasyRef files: ``image_proj_model.*`` + ``mllm_final_layer.*`` (+ UNet adapters, optional MLLM)."""
 
+    def save(self, pipeline: Any, path: str | Path) -> Path:
+        """Write an EasyRef composition in the official layout (:func:`save_official`): what ``export = ["easyref"]`` calls."""
+        return save_official(pipeline, path)
+
     def detect(self, state_dict: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bool:
         return any(k.startswith(PROJECTOR) for k in state_dict) and any(k.startswith(AGGREGATOR) for k in state_dict)
 
