@@ -66,12 +66,14 @@ class Objective(torch.nn.Module):
         """
         self.release()
         rp = self.rp
-        trainable = [p for p in self.parameters() if p.requires_grad]
         size = batch["pixel_values"].shape[0]
         if size == 0:  # every sample of the micro-batch was skipped: a zero loss that still reaches the parameters
+            trainable = [p for p in self.parameters() if p.requires_grad]
             return sum((p.sum() for p in trainable), torch.zeros(())) * 0.0, {"samples": 0, **{k: 0 for k in DROPOUT_KINDS}}
-        device = self.unet.device
-        latents = self._latents(batch["pixel_values"], generator)
+        # Where the UNet and the VAE are, read once: diffusers' .device / .dtype walk every submodule at each read.
+        unet, vae = _where(self.unet), _where(self.rp.pipeline.vae)
+        device = unet.device
+        latents = self._latents(batch["pixel_values"], generator, vae, unet)
         noise = torch.randn(latents.shape, generator=generator).to(device)
         if self.loss_config.noise_offset:
             noise = noise + self.loss_config.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=generator).to(device)
@@ -80,7 +82,7 @@ class Objective(torch.nn.Module):
 
         drops = self._dropout(size, generator)
         captions = ["" if drops["text"][b] or drops["both"][b] else caption for b, caption in enumerate(batch["captions"])]
-        text, added = self._text(captions, batch, latents)
+        text, added = self._text(captions, batch, latents, unet)
         condition = self._condition(batch["references"], captions, drops["references"] | drops["both"])
         with ExitStack() as binding:
             binding.enter_context(rp.bind(condition))
@@ -94,12 +96,12 @@ class Objective(torch.nn.Module):
         stats = {"samples": size, **{k: int(v.sum()) for k, v in drops.items()}}
         return per_sample.mean(), stats
 
-    def _latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def _latents(self, pixels: torch.Tensor, generator: torch.Generator, at: torch.Tensor, unet: torch.Tensor) -> torch.Tensor:
         vae = self.rp.pipeline.vae
         # The VAE runs outside mixed precision, in its own dtype, as diffusers' and EasyRef's training scripts run it.
-        with torch.no_grad(), torch.autocast(device_type=vae.device.type, enabled=False):
-            latents = vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist.sample(generator)
-        return (latents * vae.config.scaling_factor).to(device=self.unet.device, dtype=self.unet.dtype)
+        with torch.no_grad(), torch.autocast(device_type=at.device.type, enabled=False):
+            latents = vae.encode(pixels.to(device=at.device, dtype=at.dtype)).latent_dist.sample(generator)
+        return (latents * vae.config.scaling_factor).to(device=unet.device, dtype=unet.dtype)
 
     def _dropout(self, size: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
         """Exclusive per-sample events, as the official data loader draws them: references, then text, then both."""
@@ -107,18 +109,20 @@ class Objective(torch.nn.Module):
         r, t, b = self.dropout.references, self.dropout.text, self.dropout.both
         return {"references": u < r, "text": (u >= r) & (u < r + t), "both": (u >= r + t) & (u < r + t + b)}
 
-    def _text(self, captions: list[str], batch: Mapping[str, Any], latents: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    def _text(
+        self, captions: list[str], batch: Mapping[str, Any], latents: torch.Tensor, unet: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         pipe = self.rp.pipeline
-        device = self.unet.device
+        device, dtype = unet.device, unet.dtype
         with torch.no_grad():
             if not self.is_xl:
                 embeds = pipe.encode_prompt(captions, device, 1, False)[0]
-                return embeds.to(self.unet.dtype), None
+                return embeds.to(dtype), None
             embeds, _, pooled, _ = pipe.encode_prompt(prompt=captions, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
         height, width = latents.shape[-2] * pipe.vae_scale_factor, latents.shape[-1] * pipe.vae_scale_factor
         target = torch.tensor([[height, width]] * len(captions))
         time_ids = torch.cat([batch["original_sizes"], batch["crops_top_left"], target], dim=1).to(device=device, dtype=embeds.dtype)
-        return embeds.to(self.unet.dtype), {"text_embeds": pooled.to(self.unet.dtype), "time_ids": time_ids.to(self.unet.dtype)}
+        return embeds.to(dtype), {"text_embeds": pooled.to(dtype), "time_ids": time_ids.to(dtype)}
 
     def _condition(self, references: list[list[Any]], captions: list[str], dropped: torch.Tensor) -> Condition | None:
         rp = self.rp
@@ -140,6 +144,11 @@ class Objective(torch.nn.Module):
         snr = alphas / (1 - alphas)
         clipped = torch.clamp(snr, max=float(self.loss_config.snr_gamma))
         return clipped / (snr + 1 if self.scheduler.config.prediction_type == "v_prediction" else snr)
+
+
+def _where(module: torch.nn.Module) -> torch.Tensor:
+    """A parameter of ``module``: its ``.device`` and ``.dtype`` are the module's (diffusers' models hold one of each)."""
+    return next(module.parameters())
 
 
 def trained_weights(rp: Any) -> dict[str, torch.Tensor]:
