@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import PIL.Image
 import pytest
 import torch
 from click.testing import CliRunner
@@ -117,7 +118,7 @@ def test_easyref_stages_chain_and_each_trains_only_its_selection(data_file: Path
     runs = [
         {"stages": [{"name": "alignment", "train": alignment, **stage}]},
         {"stages": [{"name": "single", "train": finetuning, **stage, "data": {"max_references": 1}}]},
-        {"stages": [{"name": "multi", "train": finetuning, **stage, "data": {"truncate_rate": 0.4}}]},
+        {"stages": [{"name": "multi", "train": finetuning, **stage, "data": {"truncate_rate": 0.4}}], "export": ["easyref"]},
     ]
     fresh = refcond.from_pipe(pipe, "easyref", seed=3, **roles)
     before, losses = fresh.state_dict(), [evaluation_loss(fresh, data_file)]
@@ -126,7 +127,8 @@ def test_easyref_stages_chain_and_each_trains_only_its_selection(data_file: Path
     for i, run in enumerate(runs):
         config = {"data": {"path": str(data_file), "resolution": RESOLUTION}, "output": str(tmp_path / f"stage{i + 1}"), "seed": 3, **run}
         config.update({"composition": "easyref", "roles": roles} if previous is None else {"from": str(previous)})
-        previous = train(config, pipeline=pipe, progress=False).checkpoint
+        result = train(config, pipeline=pipe, progress=False)
+        previous = result.checkpoint
         rp = refcond.load(previous, pipe)
         after = rp.state_dict()
         losses.append(evaluation_loss(rp, data_file))
@@ -138,6 +140,11 @@ def test_easyref_stages_chain_and_each_trains_only_its_selection(data_file: Path
         assert i == 0 or any(k.startswith("encoder.") for k in after), "a fine-tuned MLLM must be stored"
         before = {**before, **after}
     assert losses[-1] < losses[0], losses
+    # The official layout of the last stage's output loads back to the same weights.
+    official = refcond.from_pipe(pipe, "easyref", checkpoint=result.exports["easyref"], **roles)
+    again = official.state_dict()
+    official.detach()
+    assert after.keys() <= again.keys() and all(torch.equal(again[k], after[k]) for k in after)
 
 
 def test_gradient_checkpointing_recomputes_the_mllm_and_unet_to_the_same_weights(
@@ -199,11 +206,24 @@ def test_dropout_happens_at_the_configured_rates(tiny_qwen2vl_dir: Path) -> None
     rp.detach()
 
 
-def test_the_run_counts_dropped_samples(data_file: Path, tmp_path: Path) -> None:
-    config = ip_adapter_run(data_file, tmp_path / "run", steps=10, dropout={"references": 0.5, "text": 0.0, "both": 0.0})
-    result = train(config, pipeline=tiny_sd15_pipeline(), progress=False)
+def test_a_run_counts_dropped_samples_renders_validation_keeps_the_last_states_and_an_ema(data_file: Path, tmp_path: Path) -> None:
+    stage = {
+        "dropout": {"references": 0.5, "text": 0.0, "both": 0.0},
+        "validation": {"every": 5, "prompts": ["a", "b"], "references": [[str(data_file.parent / "0.png")], [str(data_file.parent / "1.png")]], "num_inference_steps": 1},
+        "checkpoint_every": 3,
+        "keep_last": 1,
+        "ema_decay": 0.5,
+    }
+    result = train(ip_adapter_run(data_file, tmp_path / "run", steps=10, **stage), pipeline=tiny_sd15_pipeline(), progress=False)
     assert 2 <= result.stages[0].dropped["references"] <= 18  # 20 samples at rate 0.5
     assert result.stages[0].dropped["text"] == result.stages[0].dropped["both"] == 0
+    grids = sorted(p.name for p in (tmp_path / "run" / "validation").iterdir())
+    assert grids == ["00-ip-step-00000005.png", "00-ip-step-00000010.png"]
+    assert PIL.Image.open(tmp_path / "run" / "validation" / grids[0]).size == (2 * 32, 32)  # one image per prompt, side by side
+    assert [p.name for p in (tmp_path / "run" / "states").iterdir()] == ["00-ip-step-00000010"]
+    weights, _ = refcond.read_checkpoint(tmp_path / "run" / "ip.safetensors")
+    averaged, _ = refcond.read_checkpoint(tmp_path / "run" / "ip-ema.safetensors")
+    assert weights.keys() == averaged.keys() and any(not torch.equal(weights[k], averaged[k]) for k in weights)
 
 
 def _toml(config: dict[str, Any], path: Path, *extra: str) -> Path:
