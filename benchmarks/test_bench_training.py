@@ -34,10 +34,6 @@ run builds its composition anew, and ``train`` leaves the pipeline as it found i
   saving), for the first run of each process only (the trainer's in one, the hand loop's in the
   other): later runs reuse memory that earlier ones freed. ``tracemalloc`` does not see torch's
   CPU allocations.
-- **Diagnosis** (tiny setting): a third variant, ``trainer-cached-device-dtype``, runs the trainer
-  with diffusers' ``ModelMixin.device``/``.dtype`` reading the first parameter instead of walking
-  every submodule; ``refcond.training.objective.Objective`` reads them 8 times per step, the hand
-  loop never (see README.md).
 
 **Processes** (``test_processes_samples_per_second``): the CLI's ``refcond train CONFIG.toml
 --quiet`` under ``torchrun --standalone --nproc_per_node N`` (gloo on CPU), batch 1 per process:
@@ -73,7 +69,6 @@ from typing import Any
 
 SEED = 0
 #: The diagnostic variant: the trainer with diffusers' ``ModelMixin.device``/``.dtype`` reading the first parameter.
-CACHED_PROPERTIES = "trainer-cached-device-dtype"
 LEARNING_RATE = 1e-4
 MAX_GRAD_NORM = 1.0
 REFERENCES = 2  # per sample
@@ -84,7 +79,7 @@ RESULTS = Path(os.environ.get("REFCOND_BENCH_TRAINING_JSON", Path(__file__).pare
 #: out at the start of each run; ``rounds``: runs of each variant in each of the two worker processes.
 SETTINGS: dict[str, dict[str, Any]] = {
     # The tiny test pipeline; its VAE downsamples by 2, so 64 px give 32 x 32 latents.
-    "tiny-sd15": {"resolution": 64, "steps": 20, "warmup": 3, "rounds": 4, "diagnose": [CACHED_PROPERTIES]},
+    "tiny-sd15": {"resolution": 64, "steps": 20, "warmup": 3, "rounds": 4},
     # SD1.5's UNet, VAE and text-encoder architectures (random weights) at 128 px: 16 x 16 latents.
     "sd15-128px": {"resolution": 128, "steps": 5, "warmup": 1, "rounds": 2},
 }
@@ -281,20 +276,9 @@ def run_variant(variant: str, pipe: Any, setting: str, steps: int, data: Path, o
     shutil.rmtree(output, ignore_errors=True)
     if variant == "hand":
         return hand_loop(pipe, data, resolution, steps, output), []
-    from diffusers.models.modeling_utils import ModelMixin
-
     from refcond.training import train
 
-    properties = ModelMixin.device, ModelMixin.dtype
-    if variant == CACHED_PROPERTIES:
-        # Diagnosis: diffusers' ModelMixin.device and .dtype walk every submodule (looking for
-        # group-offloading and layerwise-casting hooks) at each call; here they read the first parameter.
-        ModelMixin.device = property(lambda self: next(self.parameters()).device)  # type: ignore[method-assign,assignment]
-        ModelMixin.dtype = property(lambda self: next(self.parameters()).dtype)  # type: ignore[method-assign,assignment]
-    try:
-        train(train_config(data, resolution, steps, output), pipeline=pipe, progress=False)
-    finally:
-        ModelMixin.device, ModelMixin.dtype = properties  # type: ignore[method-assign]
+    train(train_config(data, resolution, steps, output), pipeline=pipe, progress=False)
     metrics = [json.loads(line) for line in (output / "metrics.jsonl").read_text().splitlines()]
     return [m["loss"] for m in metrics], [1 / m["samples_per_second"] for m in metrics]  # batch 1, one process
 
@@ -377,7 +361,7 @@ def trainer_against_hand_loop(setting: str, tmp_path: Path) -> dict[str, Any]:
     """Two workers, one starting with the trainer and one with the hand loop (each first run's peak memory is clean)."""
     config = SETTINGS[setting]
     data = write_data(tmp_path / "data", config["resolution"])
-    variants = ["trainer", "hand", *config.get("diagnose", [])]
+    variants = ["trainer", "hand"]
     workers = [run_worker(setting, order, tmp_path, data, f"worker{i}") for i, order in enumerate((variants, ["hand", "trainer", *variants[2:]]))]
     runs = [run for w in workers for run in w["runs"]]
     hand_losses = next(run["losses"] for run in runs if run["variant"] == "hand")
