@@ -310,6 +310,30 @@ def test_unconditional_is_a_black_image_with_the_instruction_computed_once():
     assert len(calls) == 1 and not torch.allclose(third.tokens, first.tokens)
 
 
+def test_unconditional_is_kept_across_optimizer_steps_while_frozen_and_trains_with_the_encoder():
+    encoder, _ = make_encoder()
+    encoder.requires_grad_(False)  # as a composition builds it: borrowed weights frozen
+    calls = []
+    encoder.visual.register_forward_hook(lambda *args: calls.append(1))
+    groups = [reference_images(1, seed=14)]
+    encoding = encoder.encode(groups)
+    other = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([other], lr=0.1)
+    calls.clear()
+    frozen = encoder.encode_unconditional(encoding, groups).tokens
+    other.grad = torch.ones(2)
+    optimizer.step()  # something else trained: the frozen encoder's "no reference" tokens still hold
+    encoder.encode_unconditional(encoding, groups)
+    assert len(calls) == 1 and not frozen.requires_grad
+
+    encoder.requires_grad_(True)  # fine-tuning the MLLM (EasyRef stages 2-3): computed with autograd at each call
+    calls.clear()
+    tokens = encoder.encode_unconditional(encoding, groups).tokens
+    tokens.sum().backward()
+    assert len(calls) == 1 and encoder.norm.weight.grad is not None and encoder.norm.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(tokens.detach(), frozen, atol=0, rtol=0)
+
+
 def test_unconditional_from_inference_mode_is_usable_in_training():
     encoder, _ = make_encoder()
     groups = [reference_images(1, seed=13)]

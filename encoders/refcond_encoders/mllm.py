@@ -343,18 +343,24 @@ class MllmEncoder(torch.nn.Module):
         """EasyRef's "no reference": one black 512x512 image with the instruction, computed once and repeated per group.
 
         Its length differs from the conditional encoding's (it has one image); like it, every token is
-        source -1. Recomputed only when the weights change (:func:`refcond.weights_fingerprint`), device or dtype included.
+        source -1. Recomputed only when the weights change (:func:`refcond.weights_fingerprint`'s layout
+        and values: a frozen encoder keeps it across optimizer steps), device or dtype included. While
+        the encoder itself trains, it is computed at each call with autograd, so the "no reference"
+        rows of a batch train the encoder too, as in the official training.
         """
-        key = weights_fingerprint([self])
-        if self._unconditional is None or self._unconditional[0] != key:
-            from PIL import Image as PILImage
+        from PIL import Image as PILImage
 
-            black = PILImage.new("RGB", (UNCONDITIONAL_SIZE, UNCONDITIONAL_SIZE))
-            self._unconditional = (
-                key,
-                self._encode([[black]], [self.config.instruction]).tokens[0].detach(),
-            )
-        tokens = self._unconditional[1]
+        black = PILImage.new("RGB", (UNCONDITIONAL_SIZE, UNCONDITIONAL_SIZE))
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            tokens = self._encode([[black]], [self.config.instruction]).tokens[0]
+        else:
+            _, layout, values = weights_fingerprint([self])
+            if self._unconditional is None or self._unconditional[0] != (layout, values):
+                self._unconditional = (
+                    (layout, values),
+                    self._encode([[black]], [self.config.instruction]).tokens[0].detach(),
+                )
+            tokens = self._unconditional[1]
         if tokens.is_inference() and not torch.is_inference_mode_enabled():
             tokens = (
                 tokens.clone()
