@@ -1,6 +1,7 @@
-"""Generic aggregators: ``mean``, ``weighted-mean`` and ``concat`` over the references of a group.
+"""Generic aggregators: ``mean``, ``weighted-mean`` and ``concat`` over the references of a group,
+and ``learned-queries`` (:mod:`refcond.learned_queries`), where the references attend to each other.
 
-They read :attr:`ReferenceEncoding.source` to know which tokens belong to which reference, so
+The first three read :attr:`ReferenceEncoding.source` to know which tokens belong to which reference, so
 they work with any encoder that emits per-reference tokens (pooled or sequences of equal length).
 """
 
@@ -15,6 +16,7 @@ from refcond.config import ComponentConfig, EmptyConfig
 from refcond.contracts import MIXED_SOURCE, BuildContext, Condition, ReferenceEncoding
 from refcond.errors import ConfigError
 from refcond.hookspecs import hookimpl
+from refcond.learned_queries import LearnedQueriesAggregator, LearnedQueriesConfig
 from refcond.registry import Register
 
 
@@ -193,3 +195,9 @@ def refcond_register_aggregators(register: Register) -> None:
     register("mean", _mean, config=EmptyConfig)
     register("weighted-mean", _weighted_mean, config=MeanConfig)
     register("concat", _concat, config=EmptyConfig)
+    register(
+        "learned-queries",
+        LearnedQueriesAggregator.from_config,
+        config=LearnedQueriesConfig,
+        description="K learned queries and all references' tokens attend to each other through L layers; K tokens out.",
+    )

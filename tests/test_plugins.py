@@ -175,7 +175,7 @@ def test_a_plugin_whose_registration_raises_half_way_is_skipped_as_a_whole():
     ]
     assert registry.names("backbone") == []
     assert registry.names("encoder") == []
-    assert registry.names("aggregator") == ["concat", "mean", "weighted-mean"]
+    assert registry.names("aggregator") == ["concat", "learned-queries", "mean", "weighted-mean"]
 
 
 def test_a_plugin_that_registers_one_name_twice_is_skipped():
@@ -190,7 +190,7 @@ def test_a_plugin_that_registers_one_name_twice_is_skipped():
     plugins = refcond.from_modules(aggregators, Twice())
     with pytest.warns(RuntimeWarning, match=r"encoder 'dup' is registered twice: by plugin 'twice' and by plugin 'twice'"):
         assert plugins.registry.names("encoder") == []
-    assert plugins.registry.names("aggregator") == ["concat", "mean", "weighted-mean"]
+    assert plugins.registry.names("aggregator") == ["concat", "learned-queries", "mean", "weighted-mean"]
 
 
 def test_a_misspelt_hook_name_is_caught_and_named():
@@ -208,7 +208,7 @@ def test_a_misspelt_hook_name_is_caught_and_named():
     assert "plugin 'typo' implements an unknown hook: 'refcond_register_encoder' (did you mean 'refcond_register_encoders'?)" in message
     assert "Rename the function" in message
     assert "typo" not in [info.name for info in plugins.plugins()]  # left unregistered
-    assert plugins.registry.names("aggregator") == ["concat", "mean", "weighted-mean"]
+    assert plugins.registry.names("aggregator") == ["concat", "learned-queries", "mean", "weighted-mean"]
 
 
 def test_a_misspelt_hook_in_an_installed_plugin_is_reported_and_skipped(install):
@@ -361,7 +361,7 @@ def test_registering_and_unregistering_for_the_duration_of_a_test():
         assert plugins.registry.get("aggregator", "hello").provenance.plugin == "undo-hello"
     finally:
         plugins.unregister(name)
-    assert plugins.registry.names("aggregator") == ["concat", "mean", "weighted-mean"]
+    assert plugins.registry.names("aggregator") == ["concat", "learned-queries", "mean", "weighted-mean"]
 
 
 def test_a_plugin_object_cannot_be_registered_twice():
