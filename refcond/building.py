@@ -172,6 +172,12 @@ def build(
     return built
 
 
+def derive_seed(*parts: Any) -> int:
+    """A 63-bit seed from a run's seed and a path of names and numbers (a stage, a step, a process, a sample)."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") % 2**63
+
+
 @contextmanager
 def seeded(seed: int | None, role: str) -> Iterator[None]:
     """Draw fresh weights for ``role`` from torch's global generator seeded from ``(seed, role)``, restoring it after.

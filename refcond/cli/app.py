@@ -104,12 +104,14 @@ def _configure_logging(verbose: bool) -> None:
 
 
 def _register_commands() -> None:
+    from refcond.cli.ablate_command import ablate
     from refcond.cli.demo_command import demo
+    from refcond.cli.eval_command import eval_command
     from refcond.cli.generate import generate
     from refcond.cli.plugins_command import plugins
     from refcond.cli.train_command import train
 
-    for command in (plugins, generate, train, demo):
+    for command in (plugins, generate, train, eval_command, ablate, demo):
         cli.add_command(command)
 
 

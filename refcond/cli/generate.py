@@ -236,6 +236,65 @@ Examples:
 """
 
 
+def prepare_composition(
+    plugins: Any,
+    composition: str | None,
+    sets: Sequence[str],
+    checkpoint: Path | None,
+    *,
+    model: str | None,
+    backbone: str | None,
+    dtype: str | None,
+    device: str | None,
+) -> tuple[Composition, dict[str, Any]]:
+    """The composition to build and its overrides (backbone pinned), checked before any model loads.
+
+    A refcond checkpoint names its own composition when ``composition`` is ``None``; otherwise the
+    default is ``ip-adapter``.
+    """
+    overrides = parse_overrides(sets)
+    registry = plugins.registry
+    stored = stored_composition(read_metadata(checkpoint)) if checkpoint is not None and checkpoint.suffix == ".safetensors" else None
+    if composition is None and stored is not None:  # a refcond checkpoint knows its composition and model
+        recipe = Composition.parse(stored, where=f"composition stored in {checkpoint}")
+    else:
+        recipe = resolve_composition(composition or "ip-adapter", registry)
+    overrides["backbone"] = backbone_override(recipe, overrides.pop("backbone", {}), registry, model=model, name=backbone, dtype=dtype, device=device)
+    if checkpoint is None:  # with a checkpoint, the file may change components: build() validates after reading it
+        recipe.with_overrides(overrides).validate_components(registry)
+    return recipe, overrides
+
+
+def load_composition(
+    st: Any,
+    plugins: Any,
+    recipe: Composition,
+    overrides: dict[str, Any],
+    checkpoint: Path | None,
+    *,
+    allow_pickle: bool,
+    seed: int,
+    quiet: bool,
+    step: str = "",
+) -> RefcondPipeline:
+    """Load the backbone pipeline and build the composition on it, saying so; fresh own weights are warned about."""
+    model = overrides["backbone"]["config"]["model"]
+    st.status(f"{step}Loading {overrides['backbone']['name']} pipeline {model} with composition {recipe.name or ('stored in the checkpoint' if checkpoint else 'given')!r}...")
+    try:
+        with _loading_bars(enabled=not quiet):
+            built = build(recipe, plugins, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=overrides, seed=seed)
+    except OSError as exc:  # from diffusers' from_pretrained: missing or broken weight files
+        raise click.ClickException(f"cannot load model {model!r}: {exc}") from None
+    rp = RefcondPipeline(built, plugins)
+    own_weights = list(rp.state_dict()) if checkpoint is None else []  # borrowed pretrained weights are not fresh
+    if own_weights:
+        st.warn(
+            f"no --checkpoint, so the composition's own weights ({len(own_weights)} tensors, e.g. {own_weights[0]}) "
+            f"are freshly initialised (seed {seed}): the references have no learned effect."
+        )
+    return rp
+
+
 @click.command("generate", epilog=EPILOG)
 @click.option(
     "-c",
@@ -366,40 +425,15 @@ def generate(
         raise click.BadParameter(f"got {len(weights)} weights for {len(references)} references.", param_hint="'--weights'")
     if checkpoint is not None and not _readable_kind(checkpoint, allow_pickle):
         read_checkpoint(checkpoint, allow_pickle=allow_pickle)  # refuses (pickle, unknown suffix) without reading
-    overrides = parse_overrides(sets)
     plugins = st.get_plugins()
     st.warn_failures()
-    registry = plugins.registry
-    stored = stored_composition(read_metadata(checkpoint)) if checkpoint is not None and checkpoint.suffix == ".safetensors" else None
-    if composition is None and stored is not None:  # a refcond checkpoint knows its composition and model
-        recipe = Composition.parse(stored, where=f"composition stored in {checkpoint}")
-    else:
-        recipe = resolve_composition(composition or "ip-adapter", registry)
-
-    overrides["backbone"] = backbone_override(
-        recipe, overrides.pop("backbone", {}), registry, model=model, name=backbone, dtype=dtype, device=device
-    )
+    recipe, overrides = prepare_composition(plugins, composition, sets, checkpoint, model=model, backbone=backbone, dtype=dtype, device=device)
     model = overrides["backbone"]["config"]["model"]
-    if checkpoint is None:  # with a checkpoint, the file may change components: build() validates after reading it
-        recipe.with_overrides(overrides).validate_components(registry)
-
     if seed is None:
         seed = random.SystemRandom().randrange(2**31)
     timings: dict[str, float] = {"prepare": time.perf_counter() - started}
     t = time.perf_counter()
-    st.status(f"[1/3] Loading {overrides['backbone']['name']} pipeline {model} with composition {recipe.name or composition or 'from the checkpoint'!r}...")
-    try:
-        with _loading_bars(enabled=not quiet):
-            built = build(recipe, plugins, checkpoint=checkpoint, allow_pickle=allow_pickle, overrides=overrides, seed=seed)
-    except OSError as exc:  # from diffusers' from_pretrained: missing or broken weight files
-        raise click.ClickException(f"cannot load model {model!r}: {exc}") from None
-    rp = RefcondPipeline(built, plugins)
-    own_weights = list(rp.state_dict()) if checkpoint is None else []  # borrowed pretrained weights are not fresh
-    if own_weights:
-        st.warn(
-            f"no --checkpoint, so the composition's own weights ({len(own_weights)} tensors, e.g. {own_weights[0]}) "
-            f"are freshly initialised (seed {seed}): the references have no learned effect."
-        )
+    rp = load_composition(st, plugins, recipe, overrides, checkpoint, allow_pickle=allow_pickle, seed=seed, quiet=quiet, step="[1/3] ")
     rp.pipeline.set_progress_bar_config(disable=quiet)
     timings["load"] = time.perf_counter() - t
 

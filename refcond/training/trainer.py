@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from refcond.building import build
+from refcond.building import build, derive_seed
 from refcond.config import merge_nested
 from refcond.errors import ConfigError
 from refcond.files import write_image, write_json
@@ -104,12 +104,6 @@ def stage_data(run: TrainConfig, stage: StageConfig, where: str = "stage") -> Da
     from refcond.config import validate_config
 
     return validate_config(DataConfig, merge_nested(run.data.model_dump(), stage.data), where=f"{where} data")  # type: ignore[return-value]
-
-
-def derive_seed(*parts: Any) -> int:
-    """A 63-bit seed from the run's seed and a path of names and numbers (stage, step, process)."""
-    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") % 2**63
 
 
 class _Run:
