@@ -62,6 +62,9 @@ class RefcondPipeline:
             self.detach()
             raise
         self._cache: OrderedDict[tuple[Any, ...], tuple[Condition, Condition]] = OrderedDict()
+        #: How many encoded conditions (one per distinct call) are kept; raise it to reuse the encodings
+        #: of many reference groups across calls, as an ablation's cells that share this pipeline do.
+        self.cache_size = _CACHE_SIZE
         self._content_hashes: dict[int, tuple[tuple[Any, ...], str]] = {}
 
     # -- training -------------------------------------------------------------------------------
@@ -149,7 +152,7 @@ class RefcondPipeline:
         with torch.inference_mode():
             result = self._encode(groups, weights, prompts)
         self._cache[key] = result
-        while len(self._cache) > _CACHE_SIZE:
+        while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return result
 

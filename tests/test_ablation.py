@@ -71,9 +71,18 @@ def column(path: Path, name: str) -> list[float]:
 
 
 def test_a_grid_runs_every_buildable_cell_pairs_them_with_the_base_and_plots(grid_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    builds = []
+    builds, encodes = [], []
     build = ablation._build
-    monkeypatch.setattr(ablation, "_build", lambda *args: builds.append(args[1].name) or build(*args))
+
+    def counted(*args: Any) -> Any:
+        builds.append(args[1].name)
+        rp = build(*args)
+        encode = rp.encoder.encode
+        rp.encoder.encode = lambda *a, **k: encodes.append(1) or encode(*a, **k)
+        return rp
+
+    monkeypatch.setattr(ablation, "_build", counted)
+    monkeypatch.setattr(refcond.pipeline, "_CACHE_SIZE", 1)  # a pipeline alone keeps one condition: fewer than the set's samples
     result = ablate(read_grid(grid_file), tmp_path / "out", pipeline=tiny_sd15_pipeline(), plugins=plugins(), progress=False)
     out = tmp_path / "out"
 
@@ -83,6 +92,7 @@ def test_a_grid_runs_every_buildable_cell_pairs_them_with_the_base_and_plots(gri
     assert all(c.error and "projector" in c.error for c in broken) and all(not (out / "cells" / c.name).exists() for c in broken)
     ran = [c for c in result.cells if c.error is None]
     assert len(ran) == 4 and len(builds) == 2, "cells differing only in reference_scale share one built composition"
+    assert len(encodes) == 2 * 3, "and its encodings: each of the 3 samples is encoded once per built composition"
 
     def mean_of(values: dict[str, Any]) -> list[float]:
         (cell,) = [c for c in ran if all(c.values[k] == v for k, v in values.items())]

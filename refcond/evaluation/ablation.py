@@ -11,7 +11,8 @@ or a run setting (``checkpoint``, ``reference_scale``, ``max_references``, ``gui
 Each cell is :func:`refcond.evaluation.evaluate` into ``cells/<name>/`` with the same samples and
 seeds, so the cells' images pair up: paired differences against the base cell use the same
 samples and seeds on both sides. The diffusers pipeline is loaded once and the metrics are built
-once; cells that differ only in run settings share one built composition. A cell that cannot be
+once; cells that differ only in run settings share one built composition and its encodings of
+the references (a cell that changes ``max_references`` encodes its own groups). A cell that cannot be
 built or run is reported with its error and the others still run; a grid started again skips what
 its cells finished. Outputs: ``results.csv`` (a row per cell and metric), ``results.md`` (a table
 of means with 95 % bootstrap intervals), ``paired.csv`` / ``paired.md`` (differences against the
@@ -185,6 +186,7 @@ def ablate(grid: GridConfig | str | Path, out: str | Path, *, pipeline: Any = No
         try:
             rp = _build(grid, group[0], plugins, pipe)
             rp.pipeline.set_progress_bar_config(disable=True)
+            rp.cache_size = max(rp.cache_size, len(samples))  # the group's cells reuse each sample's encoding
             if scorers is None:
                 scorers = build_metrics({n: grid.metric_config.get(n, {}) for n in grid.base.metrics}, plugins.registry, BuildContext(backbone=rp.backbone))
             for cell in group:
