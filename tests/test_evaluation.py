@@ -159,8 +159,8 @@ def test_evaluate_generates_each_image_with_its_seed_scores_it_and_summarises(ev
     assert summary["images"] == 6 and summary["metrics"]["brightness"]["mean"] == pytest.approx(np.mean([float(r["brightness"]) for r in rows]))
     assert result.summary["brightness"].low <= result.summary["brightness"].mean <= result.summary["brightness"].high
     assert "| brightness |" in (out / "summary.md").read_text()
-    grid = PIL.Image.open(out / "grids" / "b.png")
-    assert grid.size == (3 * 256, 2 * 256)  # three references over two images
+    grid = PIL.Image.open(out / "grids" / "b.jpg")
+    assert grid.size == (3 * 32, 2 * 32)  # three references over two images, at the tiny pipeline's 32 px
     rp.detach()
 
 

@@ -11,7 +11,7 @@ is missing, so a killed run loses nothing. Across processes (``accelerate launch
 the samples are split with accelerate's ``split_between_processes``; the main process then writes
 ``samples.csv`` (one row per image), ``summary.json`` and ``summary.md`` (each metric's mean with
 its 95 % bootstrap interval), and every sample has a grid (its references, then its images) in
-``grids/<id>.png``.
+``grids/<id>.jpg`` (JPEG: a PNG of it costs as much as a tiny model's image).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from refcond.images import load_references
 DEFAULT_METRICS = ("clip-i", "clip-t", "dino-i")
 #: Images per sample at most.
 MAX_IMAGES_PER_SAMPLE = 1000
-#: Side of a reference or generated image in a sample's grid.
+#: Largest side of a reference or generated image in a sample's grid (cells are the generated images' size up to it).
 GRID_CELL = 256
 
 
@@ -193,7 +193,7 @@ def _record_path(out: Path, sample: EvalSample, k: int) -> Path:
 
 
 def _grid_path(out: Path, sample: EvalSample) -> Path:
-    return out / "grids" / f"{sample.id}.png"
+    return out / "grids" / f"{sample.id}.jpg"
 
 
 def _read_record(path: Path) -> dict[str, Any]:
@@ -233,8 +233,9 @@ def _write_grid(path: Path, references: list[PIL.Image.Image], images: list[PIL.
     """References on the first row, generated images on the second, each in a square cell."""
     from diffusers.utils import make_image_grid
 
-    cells = [image.convert("RGB").resize((GRID_CELL, GRID_CELL)) for image in [*references, *images]]
+    side = min(GRID_CELL, max(image.width for image in images))  # no larger than the generated images
+    cells = [image.convert("RGB").resize((side, side)) for image in [*references, *images]]
     cols = max(len(references), len(images))
-    blank = PIL.Image.new("RGB", (GRID_CELL, GRID_CELL), "white")
+    blank = PIL.Image.new("RGB", (side, side), "white")
     rows = [*cells[: len(references)], *[blank] * (cols - len(references)), *cells[len(references) :], *[blank] * (cols - len(images))]
     write_image(path, make_image_grid(rows, rows=2, cols=cols))
