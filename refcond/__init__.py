@@ -22,6 +22,7 @@ from refcond.contracts import (
     Encoder,
     ImportedCheckpoint,
     Injector,
+    Metric,
     ReferenceAdapter,
     ReferenceEncoding,
 )
@@ -78,6 +79,7 @@ __all__ = [
     "ImportedCheckpoint",
     "IncompatibleBackboneError",
     "Injector",
+    "Metric",
     "OutputError",
     "PluginError",
     "Plugins",

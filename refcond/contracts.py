@@ -339,3 +339,29 @@ class CheckpointFormat(Protocol):
     #     save(self, pipeline: RefcondPipeline, path: str | Path) -> Path
     # raising refcond.ConfigError when the composition has no such layout; `refcond train`'s
     # `export = ["<format name>"]` calls it when a run ends.
+
+
+@runtime_checkable
+class Metric(Protocol):
+    """Scores generated images, one value per image: what a factory registered with ``refcond_register_metrics`` returns.
+
+    A call scores a batch of generated images. The three arguments are parallel lists with one
+    entry per generated image: ``images[i]`` was generated from the reference group
+    ``references[i]`` and the prompt ``prompts[i]`` (the same group or prompt object may serve
+    several images). A metric reads the arguments it needs and ignores the others.
+
+    The result maps each measure the metric reports (one name or several, such as ``"clip-i"``)
+    to a list of ``len(images)`` floats, ``result[name][i]`` scoring ``images[i]``. Averaging,
+    confidence intervals and tables are the evaluation harness's work, not the metric's. Bad
+    input (empty or unequal lists, an empty group, something that is not an image) raises
+    :class:`refcond.ConfigError` or :class:`refcond.ReferenceImageError` naming its position.
+    """
+
+    def __call__(
+        self,
+        images: Sequence[Image],
+        references: Sequence[Sequence[Image]],
+        prompts: Sequence[str],
+    ) -> dict[str, list[float]]:
+        """Score every image: ``{measure: [value of images[0], value of images[1], ...]}``."""
+        ...

@@ -96,7 +96,13 @@ def refcond_register_metrics(register: Register) -> None:
     """Register evaluation metrics.
 
     Call ``register(name, factory, config=ConfigModel, description=...)`` once per metric.
-    ``factory(config, context)`` returns a callable ``metric(images, references, prompts) -> dict[str, float]``.
+    ``factory(config, context)`` returns a :class:`refcond.Metric`: a callable
+    ``metric(images, references, prompts) -> dict[str, list[float]]`` that scores a batch of
+    generated images, one value per image. The three arguments are parallel lists: ``images[i]``
+    (a PIL image) was generated from the reference group ``references[i]`` (a list of PIL images)
+    and the prompt ``prompts[i]``. Each key of the result is a measure the metric reports, and its
+    list holds ``len(images)`` values in the order of ``images``. Load models in the factory (once,
+    on the context's device), not in the call.
 
     :param register: the registration callback.
     """

@@ -36,8 +36,8 @@ README = ROOT / "README.md"
 CI_SCRIPT = ROOT / ".ci" / "run"
 
 QUICKSTART = [
-    "pip install torch==2.13.0 -e . -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/example && refcond demo",
-    "pip install torch==2.13.0 -e '.[test]' -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/example && python -m pytest",
+    "pip install torch==2.13.0 -e . -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/metrics -e ./plugins/example && refcond demo",
+    "pip install torch==2.13.0 -e '.[test]' -e ./encoders -e ./injectors -e ./plugins/easyref -e ./plugins/metrics -e ./plugins/example && python -m pytest",
 ]
 
 
@@ -267,7 +267,7 @@ def slug(heading_text: str) -> str:
 
 def test_relative_links_and_anchors_resolve():
     missing = []
-    for page in [README, *sorted(DOCS.glob("*.md")), ROOT / "plugins" / "example" / "README.md"]:
+    for page in [README, *sorted(DOCS.glob("*.md")), ROOT / "plugins" / "example" / "README.md", ROOT / "plugins" / "metrics" / "README.md"]:
         for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", page.read_text(encoding="utf-8")):
             if "://" in target:
                 continue

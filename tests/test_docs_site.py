@@ -29,7 +29,7 @@ API = DOCS / "api"
 UNDOCUMENTED_EXPORTS: set[str] = set()
 
 #: Where the packages rendered by the API reference live (the handler's ``paths`` in mkdocs.yml).
-SOURCE_ROOTS = [ROOT, ROOT / "encoders", ROOT / "injectors", ROOT / "plugins" / "easyref", ROOT / "plugins" / "example"]
+SOURCE_ROOTS = [ROOT, ROOT / "encoders", ROOT / "injectors", ROOT / "plugins" / "easyref", ROOT / "plugins" / "metrics", ROOT / "plugins" / "example"]
 
 
 class _TolerantLoader(yaml.SafeLoader):

@@ -278,11 +278,10 @@ class BrightnessConfig(ComponentConfig):
 
 
 def brightness(config: BrightnessConfig, context: BuildContext):
-    """Mean brightness of the generated images, in [0, scale]."""
+    """Mean brightness of each generated image, in [0, scale]."""
 
-    def metric(images, references, prompts) -> dict[str, float]:
-        values = [np.asarray(im.convert("L"), dtype=np.float64).mean() / 255 for im in images]
-        return {"brightness": float(np.mean(values)) * config.scale}
+    def metric(images, references, prompts) -> dict[str, list[float]]:
+        return {"brightness": [float(np.asarray(im.convert("L"), dtype=np.float64).mean() / 255 * config.scale) for im in images]}
 
     return metric
 
@@ -297,10 +296,12 @@ def test_hook_refcond_register_metrics():
 
     registry = refcond.from_modules(Plugin()).registry
     entry = registry.get("metric", "brightness")
-    assert entry.description == "Mean brightness of the generated images, in [0, scale]."
+    assert entry.description == "Mean brightness of each generated image, in [0, scale]."
     metric = built(registry, "metric", "brightness", scale=10.0)
+    assert isinstance(metric, refcond.Metric)
     white, black = PIL.Image.new("RGB", (2, 2), "white"), PIL.Image.new("RGB", (2, 2), "black")
-    assert metric([white, black], [[RED]], ["a prompt"]) == {"brightness": 5.0}
+    # One value per generated image; images[i] was generated from references[i] and prompts[i].
+    assert metric([white, black, white], [[RED], [RED, BLUE], [BLUE]], ["a", "b", "c"]) == {"brightness": [10.0, 0.0, 10.0]}
 
 
 # -- recipes -------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import refcond
 import refcond.testing
 
 ROOT = Path(__file__).resolve().parents[1]
-DISTRIBUTIONS = ["encoders/refcond_encoders", "injectors/refcond_injectors", "plugins/easyref/refcond_easyref", "plugins/example/refcond_example"]
+DISTRIBUTIONS = ["encoders/refcond_encoders", "injectors/refcond_injectors", "plugins/easyref/refcond_easyref", "plugins/metrics/refcond_metrics", "plugins/example/refcond_example"]
 #: The modules of the core a plugin may import from.
 PUBLIC_MODULES = {"refcond", "refcond.testing"}
 
