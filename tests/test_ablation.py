@@ -167,3 +167,25 @@ def test_the_documented_grid_and_evaluation_set_are_valid(tmp_path: Path) -> Non
     (jsonl,) = [b for b in blocks if b.lang == "json"]
     (tmp_path / "set.jsonl").write_text(jsonl.code)
     assert [s.id for s in read_eval_set(tmp_path / "set.jsonl")] == ["dog-beach", "cat-0"]
+
+
+def test_the_worked_ablation_runs_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shlex
+
+    from tests.test_docs import DOCS, code_blocks
+
+    monkeypatch.chdir(tmp_path)
+    page = (DOCS / "evaluation.md").read_text()
+    blocks = [b for b in code_blocks(DOCS / "evaluation.md") if b.section == "A worked ablation on CPU"]
+    (python,) = [b for b in blocks if b.runs]
+    exec(compile(python.code, f"evaluation.md:{python.line}", "exec"), {})
+    (command,) = [b for b in blocks if b.lang == "bash"]
+    args = shlex.split(command.code)
+    assert args[:2] == ["refcond", "ablate"]
+    result = CliRunner().invoke(cli, [*args[1:], "--quiet"])
+    assert result.exit_code == 0, result.output
+    produced = (tmp_path / "runs" / "ablation" / "results.md").read_text().split("\n\n", 1)[1].strip().splitlines()
+    shown = [line for line in page.splitlines() if line.startswith("| aggregator.name=") or line.startswith("| cell | clip-i")]
+    assert [row.split(" | ")[0] for row in produced[2:]] == [row.split(" | ")[0] for row in shown[1:]], "the page shows the cells the grid makes"
+    assert produced[0] == shown[0]
+    assert (tmp_path / "runs" / "ablation" / "plots" / "clip-i.png").is_file() and (DOCS / "assets" / "ablation-clip-i.png").is_file()
