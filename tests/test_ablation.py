@@ -117,6 +117,14 @@ def test_a_grid_runs_every_buildable_cell_pairs_them_with_the_base_and_plots(gri
     assert PIL.Image.open(out / "plots" / "brightness.png").size[0] > 3 * 300  # a panel per axis
     assert [c["name"] for c in json.loads((out / "grid.json").read_text())["cells"]] == list(cells)
 
+    # Started again, the grid finds every cell done: nothing is generated, and the tables are the same.
+    generations = []
+    call = refcond.RefcondPipeline.__call__
+    monkeypatch.setattr(refcond.RefcondPipeline, "__call__", lambda self, *a, **k: generations.append(1) or call(self, *a, **k))
+    table = (out / "results.csv").read_text()
+    ablate(read_grid(grid_file), out, pipeline=tiny_sd15_pipeline(), plugins=plugins(), progress=False)
+    assert not generations and (out / "results.csv").read_text() == table
+
 
 def test_a_dry_run_lists_the_cells_and_loads_nothing(grid_file: Path, tmp_path: Path) -> None:
     result = ablate(grid_file, tmp_path / "out", plugins=plugins(), dry_run=True)  # no model is named: nothing may load
