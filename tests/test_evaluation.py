@@ -245,3 +245,19 @@ def test_samples_can_be_given_in_python(tmp_path: Path) -> None:
     result = evaluate(rp, samples, tmp_path / "out", built_metrics={"brightness": brightness}, max_references=1, num_inference_steps=STEPS, progress=False)
     assert result.rows[0]["references"] == 1 and result.rows[0]["seed"] == 3
     rp.detach()
+
+
+def test_the_cli_evaluates_with_the_metric_plugins(eval_set: Path, tmp_path: Path) -> None:
+    from refcond_metrics.testing import save_tiny_clip, save_tiny_dino
+
+    tiny_sd15_pipeline().save_pretrained(tmp_path / "sd15")
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
+    args = ["eval", "--data", str(eval_set), "--out", str(tmp_path / "out"), "-m", str(tmp_path / "sd15"), "--steps", "2",
+            "--metrics", "clip-i,clip-t,dino-i", "--metric-set", f"clip-i.model={clip}", "--metric-set", f"clip-t.model={clip}",
+            "--metric-set", f"dino-i.model={dino}", "--json", "--quiet"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["images"] == 3 and set(report["metrics"]) == {"clip-i", "clip-t", "dino-i"}
+    rows = rows_of(tmp_path / "out" / "samples.csv")
+    assert all(-1 <= float(r[m]) <= 1 for r in rows for m in ("clip-i", "clip-t", "dino-i"))
