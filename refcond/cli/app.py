@@ -109,9 +109,10 @@ def _register_commands() -> None:
     from refcond.cli.eval_command import eval_command
     from refcond.cli.generate import generate
     from refcond.cli.plugins_command import plugins
+    from refcond.cli.probe_command import probe
     from refcond.cli.train_command import train
 
-    for command in (plugins, generate, train, eval_command, ablate, demo):
+    for command in (plugins, generate, train, eval_command, ablate, probe, demo):
         cli.add_command(command)
 
 
