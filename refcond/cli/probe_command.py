@@ -20,7 +20,7 @@ def _default(value: Any) -> str:
 
 EPILOG = """\b
 Examples:
-  # the documented full run: 5 methods x 2 variants x 3 seeds (about 10 minutes on 2 CPU cores)
+  # the documented full run: 5 methods x 2 variants x 3 seeds (10 to 15 minutes on 2 CPU cores)
   refcond probe --out probe/
 \b
   # a 20-second check that learned-queries binds what mean cannot

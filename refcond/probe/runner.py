@@ -96,7 +96,7 @@ class ProbeConfig(ComponentConfig):
     steps: int = Field(default=500, ge=1, le=1_000_000, description="Training steps of each trial.")
     batch_size: int = Field(default=128, ge=1, le=65536, description="Groups per training step.")
     learning_rate: float = Field(default=1e-3, gt=0, le=1, description="AdamW learning rate of the aggregator and readout.")
-    train_groups: int = Field(default=8192, ge=1, le=1_000_000, description="Groups rendered and encoded for training (batches draw 3-5 of their 5 references).")
+    train_groups: int = Field(default=8192, ge=1, le=1_000_000, description="Groups rendered and encoded for training (each batch shuffles its groups' references).")
     eval_groups: int = Field(default=2000, ge=1, le=1_000_000, description="Evaluation groups (the same for every method and seed).")
     data_seed: int = Field(default=0, ge=0, le=2**63 - 1, description="Seed of the training and evaluation groups.")
     encoder: EncoderRecipe = Field(default_factory=EncoderRecipe, description="How the frozen encoders are pretrained (their labels come from 'labels').")
