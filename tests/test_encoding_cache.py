@@ -1,6 +1,7 @@
 """The encoding cache: a frozen encoder's encodings kept on disk, keyed by content.
 
-Training with the cache ends with the weights of training without it, bit for bit; a run over
+Training with the cache ends with the weights of training without it, bit for bit, and a run killed
+between two files of a batch resumes to the weights of an uninterrupted one; a run over
 samples the cache holds never calls the encoder; other encoder weights or config miss; a stage
 that trains the encoder never touches the cache; a damaged file is recomputed with one warning.
 Tiny models, CPU."""
@@ -104,8 +105,9 @@ def test_cached_training_trains_as_uncached_and_a_second_run_never_calls_the_enc
     cached = train({**run_config(name, data_file, tmp_path / "cached", roles), "encoding_cache": str(shared)}, pipeline=pipe, progress=False)
     first = dict(encoded)
     files = cache_files(shared)
-    # 8 samples drawn from 4 records: the second epoch reads what the first one wrote, except where a dropped caption makes a new key.
-    assert 0 < first["encode"] < 2 * RECORDS and len(files) == first["encode"] + first["encode_unconditional"]
+    # 8 samples drawn from 4 records: the second epoch reads what the first one wrote, except where a dropped caption makes a new
+    # key; the encoder then encodes that sample's whole batch, and only the new key is stored.
+    assert 0 < first["encode"] < 2 * RECORDS and RECORDS < len(files) <= first["encode"] + first["encode_unconditional"]
 
     encoded.clear()
     uncached = train(run_config(name, data_file, tmp_path / "uncached", roles, cache_encodings=False), pipeline=pipe, progress=False)
@@ -228,6 +230,41 @@ def test_damaged_files_are_recomputed_with_one_warning(data_file: Path, tmp_path
         warnings.simplefilter("error", RuntimeWarning)
         train({**config, "output": str(tmp_path / "third")}, pipeline=pipe, progress=False)
     assert encoded["encode"] + encoded["encode_unconditional"] == 0, "the damaged files were not overwritten"
+
+
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing after it runs, not even the trainer's handlers."""
+
+
+def test_a_run_killed_between_two_files_of_a_batch_resumes_to_the_weights_of_an_uninterrupted_one(
+    data_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from refcond.training import trainer
+
+    config = run_config("ip-adapter", data_file, tmp_path / "killed", {}, steps=4, checkpoint_every=1, dropout={"references": 0.0, "text": 0.0, "both": 0.0})
+    write, save_state = EncodingCache._write, trainer._Run._save_state
+    writes_left: list[int] = []
+
+    def write_then_die(self: EncodingCache, key: str, row: Any) -> None:
+        write(self, key, row)
+        if writes_left and writes_left.pop() == 1:
+            raise _Killed
+
+    def save_then_arm(self: Any, position: Any, keep_last: int) -> None:
+        save_state(self, position, keep_last)
+        if position.step == 1:
+            writes_left[:] = [1]  # the first file of step 2's batch of two new samples is written, the second is not
+
+    monkeypatch.setattr(EncodingCache, "_write", write_then_die)
+    monkeypatch.setattr(trainer._Run, "_save_state", save_then_arm)
+    with pytest.raises(_Killed):
+        train(config, pipeline=tiny_sd15_pipeline(), progress=False)
+    monkeypatch.undo()
+    assert len(cache_files(tmp_path / "killed" / "encoding-cache")) == 2 * 2 + 1  # step 1's two samples, twice; one of step 2's
+
+    resumed = train(config, pipeline=tiny_sd15_pipeline(), resume="latest", progress=False)
+    straight = train({**config, "output": str(tmp_path / "straight")}, pipeline=tiny_sd15_pipeline(), progress=False)
+    assert_same_weights(weights(resumed), weights(straight))
 
 
 def test_an_unwritable_folder_slows_training_down_but_does_not_stop_it(data_file: Path, tmp_path: Path, encoded: Counter[str]) -> None:

@@ -20,14 +20,17 @@ any other padding. A file that does not read back as written (truncated, other t
 another checksum) is a miss: it is recomputed and overwritten, with one warning per stage.
 
 :meth:`EncodingCache.serving` puts a caching stand-in for the encoder in place while ``rp.encode``
-runs: the conditioning path stays the one generation uses, and only the samples the cache does not
-hold reach the encoder, in one batch, in their order.
+runs: the conditioning path stays the one generation uses. A sample the folder holds is read back;
+when a batch has any sample the folder lacks, the encoder encodes the whole batch, as it would
+without the cache, and the samples that were lacking are stored. A sample's encoding is thus the
+first one ever computed for it.
 
-Training with the cache ends with the weights of training without it, bit for bit, when every batch
-is either wholly cached or wholly new (a first epoch then epochs over the same draws, or a second
-run). A batch with only some samples cached sends the others to the encoder as a smaller batch, and
-kernels may round a smaller batch differently in the last bits (CLIP on a CPU: up to 5e-7 between 2
-and 4 images); encoding the whole batch again would keep the bits at the cost of the saving.
+The encoder sees whole batches only, because kernels may round a smaller batch differently in the
+last bits (CLIP on a CPU: up to 5e-7 between 1 and 2 images). So what a step computes never depends
+on how many of a batch's files a killed run managed to write: a resumed run ends with the weights
+of an uninterrupted one, bit for bit. Training with the cache ends with the weights of training
+without it when every cached sample is read back in the batch that encoded it (a first epoch then
+epochs over the same draws, or a second run); otherwise the last bits may differ.
 """
 
 from __future__ import annotations
@@ -203,16 +206,20 @@ class EncodingCache:
     # -- reading and writing --------------------------------------------------------------------
 
     def fetch(self, keys: Sequence[str], compute: Callable[[list[int]], ReferenceEncoding]) -> ReferenceEncoding:
-        """The encodings of ``keys`` as one batch: read from the folder, or ``compute(rows)`` for the rows it lacks (then stored)."""
+        """The encodings of ``keys`` as one batch: the stored rows, and for the rows the folder lacks, ``compute(every row)``'s (then stored).
+
+        The whole batch is computed, not only the rows missing, so that a row's encoding never depends
+        on which other rows happened to be stored (kernels may round a smaller batch differently).
+        """
         rows: list[ReferenceEncoding | None] = [self._read(key) for key in keys]
         missing = [i for i, row in enumerate(rows) if row is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            fresh = compute(missing)
+            fresh = compute(list(range(len(keys))))
             self._device = fresh.tokens.device  # the truth, for the rows read from now on
-            for j, i in enumerate(missing):
-                rows[i] = _unpadded(fresh, j)
+            for i in missing:
+                rows[i] = _unpadded(fresh, i)
                 self._write(keys[i], rows[i])
         return ReferenceEncoding.concat_batches([row.to(self.device) for row in rows if row is not None])
 
