@@ -161,10 +161,14 @@ SETTINGS = {
 }
 
 
-def build_encoder(setting: Setting) -> tuple[MllmEncoder, ReferenceTokensAggregator]:
-    """The ``mllm`` encoder around a freshly built model, and the ``reference-tokens`` aggregator (K = 64) from its last layer."""
+def build_encoder(setting: Setting, caches: bool = False) -> tuple[MllmEncoder, ReferenceTokensAggregator]:
+    """The ``mllm`` encoder around a freshly built model, and the ``reference-tokens`` aggregator (K = 64) from its last layer.
+
+    :param caches: keep the encoder's vision and prefix caches on (off: every pass is a cold one).
+    """
     image_processor, tokenizer = setting.processor()
-    config = MllmEncoderConfig(model=None, min_pixels=setting.min_pixels, max_pixels=setting.max_pixels, dtype=ENCODE_DTYPE)
+    sizes = {} if caches else {"vision_cache_mb": 0, "prefix_cache_mb": 0}
+    config = MllmEncoderConfig(model=None, min_pixels=setting.min_pixels, max_pixels=setting.max_pixels, dtype=ENCODE_DTYPE, **sizes)
     encoder = MllmEncoder.from_model(setting.build(), image_processor, tokenizer, config).eval()
     torch.manual_seed(0)
     aggregator = ReferenceTokensAggregator(*encoder.final_layer(), ReferenceTokensConfig(num_tokens=NUM_TOKENS)).eval()
@@ -262,12 +266,12 @@ def _load_memory(folder: str, way: str, dtype_name: str) -> dict[str, Any]:
     encoder_config = MllmEncoderConfig(model=None, min_pixels=pixels[0], max_pixels=pixels[1], dtype=dtype_name)
     before = settle()
     start = time.perf_counter()
-    if way == "refcond":  # read once; the aggregator copies the last layer
+    if way == "refcond":  # read once; the aggregator takes a copy of the last layer, and the encoder lets go of it
         model = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa")
         encoder = MllmEncoder.from_model(model, image_processor, tokenizer, encoder_config)
         aggregator = ReferenceTokensAggregator(*encoder.final_layer(), ReferenceTokensConfig(num_tokens=NUM_TOKENS))
-        del model  # the encoder holds what it uses, and the last layer the aggregator copied
-        kept = _unique_parameters(encoder, encoder.final_layer_source(), aggregator)
+        del model  # the encoder holds what it uses; the aggregator its copy of the last layer
+        kept = _unique_parameters(encoder, aggregator)
     elif way == "official":  # easyref-official.md 1.1, in transformers 5's layout (the decoder is model.language_model)
         final = Qwen2VLForConditionalGeneration.from_pretrained(folder, dtype=dtype, attn_implementation="sdpa").model.language_model
         final.layers = final.layers[-1:]

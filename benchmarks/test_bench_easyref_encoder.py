@@ -12,7 +12,7 @@ For each setting (``REFCOND_BENCH_EASYREF_SETTINGS=tiny,qwen2vl-2b`` selects the
   (model built, one warm-up pass over another group, then the kernel's high-water mark reset).
 - ``test_load_memory``: peak and steady RSS of building the MLLM parts from a ``save_pretrained``
   folder (bfloat16) and reading every kept weight once, refcond's way (read once, the aggregator
-  copies the last layer) and the official way (``from_pretrained`` twice, truncated as in its
+  copies the last layer, which the encoder then lets go of) and the official way (``from_pretrained`` twice, truncated as in its
   ``EasyRef.__init__``), loaded as bfloat16 (the official dtype; transformers maps the file) and as
   float32 (converted, so copied).
 

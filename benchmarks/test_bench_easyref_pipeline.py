@@ -68,7 +68,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import refcond
-from refcond import Condition
+from refcond import MIXED_SOURCE, Condition, ReferenceEncoding
 from refcond.testing import reference_images, save_tiny_qwen2vl, tiny_sdxl_pipeline
 
 SUITE = "easyref-pipeline"
@@ -431,7 +431,7 @@ def official_generate(
 
     Each call, as the official code: ``get_image_embeds`` twice, for the references and for a black
     512x512 image (both with the instruction), each running the MLLM trunk (vision tower, all decoder
-    layers but the last, final norm: ``encoder.encode``, no cache) and the reference-token layer
+    layers but the last, final norm: :func:`uncached_encoding`) and the reference-token layer
     (``aggregator``), then ``MLPProjModel``; the K tokens are appended to ``pipe.encode_prompt``'s
     embeddings and the SDXL pipeline runs on ``pipe``, whose UNet has the official processors
     (:func:`refcond_easyref.testing.official_unet`). The MLLM modules are refcond's, whose math the
@@ -439,7 +439,7 @@ def official_generate(
     """
     black = PIL.Image.new("RGB", (BLACK_SIZE, BLACK_SIZE))
     with torch.inference_mode():
-        embeds = [official_projection(checkpoint, aggregator(encoder.encode([group])).tokens) for group in (references, [black])]
+        embeds = [official_projection(checkpoint, aggregator(uncached_encoding(encoder, group)).tokens) for group in (references, [black])]
         prompt_embeds, negative_embeds, pooled, negative_pooled = pipe.encode_prompt(
             [prompt], num_images_per_prompt=1, do_classifier_free_guidance=True, negative_prompt=[negative_prompt]
         )
@@ -455,15 +455,23 @@ def official_generate(
     ).images
 
 
+def uncached_encoding(encoder: Any, group: list[PIL.Image.Image], prompt: str = "") -> ReferenceEncoding:
+    """The MLLM trunk over one group with the instruction (and ``prompt``), batched, with none of refcond's caches (the official code has none)."""
+    inputs = encoder.inputs([group], [encoder.config.instruction + prompt])
+    mask = inputs["attention_mask"].bool()
+    return ReferenceEncoding(encoder.trunk(inputs), mask, torch.full(mask.shape, MIXED_SOURCE))
+
+
 def _refcond_generate(bench: GenerationBench, prompt: str, seed: int | None = None) -> torch.Tensor:
     generator = None if seed is None else torch.Generator().manual_seed(seed)
     return bench.rp(prompt, bench.references, negative_prompt=NEGATIVE_PROMPT, generator=generator, **GENERATION).images
 
 
 def _forget_encodings(rp: refcond.RefcondPipeline) -> None:
-    """Empty refcond's caches: the pipeline's conditions and the encoder's unconditional encoding."""
+    """Empty refcond's caches: the pipeline's conditions, the encoder's unconditional encoding, vision outputs and prefixes."""
     rp.clear_cache()
     rp.encoder._unconditional = None  # the mllm encoder keeps the black image's encoding once computed
+    rp.encoder.clear_caches()  # and the vision outputs and prefixes of the MLLM
 
 
 def _time_generation(benchmark: Any, variant: str, run: Callable[..., Any], setup: Callable[[], Any] | None = None) -> None:

@@ -159,12 +159,12 @@ def test_qwen2vl_is_read_from_disk_once(tiny_qwen2vl_dir: Path) -> None:
 def test_a_second_prompt_over_the_same_references_skips_the_mllm(tiny_qwen2vl_dir: Path) -> None:
     rp = _easyref(tiny_sdxl_pipeline(), tiny_qwen2vl_dir, append_prompt=False)  # the MLLM reads the instruction alone
     references = reference_images(2)
-    with mock.patch.object(rp.encoder, "trunk", wraps=rp.encoder.trunk) as trunk:
+    with mock.patch.object(rp.encoder, "_encode", wraps=rp.encoder._encode) as mllm:
         _generate(rp, references, "a cat")
         _generate(rp, references, "a dog")
-        assert trunk.call_count == 2  # the references and the black unconditional image, once each
+        assert mllm.call_count == 2  # the references and the black unconditional image, once each
         _generate(rp, reference_images(3), "a dog")
-        assert trunk.call_count == 3  # new references; the unconditional encoding is reused
+        assert mllm.call_count == 3  # new references; the unconditional encoding is reused
 
 
 def test_with_append_prompt_the_mllm_reads_the_prompt(tiny_qwen2vl_dir: Path) -> None:

@@ -350,9 +350,12 @@ def test_unconditional_from_inference_mode_is_usable_in_training():
 # -- the last layer, handed to the aggregator ------------------------------------------------------
 
 
-def test_trunk_leaves_out_the_last_layer_and_hands_out_copies(encoder_and_full):
-    encoder, full = encoder_and_full
-    layers = full.model.language_model.layers
+def test_trunk_leaves_out_the_last_layer_and_hands_it_over_once():
+    model = tiny_qwen2vl(0)
+    image_processor, tokenizer = tiny_qwen2vl_processor()
+    encoder = MllmEncoder.from_model(model, image_processor, tokenizer, MllmEncoderConfig(**TINY))
+    layers = model.model.language_model.layers
+    before = copy.deepcopy(layers[-1].state_dict())
     assert len(encoder.layers) == len(layers) - 1
     keys = set(encoder.state_dict())
     assert (
@@ -362,20 +365,18 @@ def test_trunk_leaves_out_the_last_layer_and_hands_out_copies(encoder_and_full):
     )
     assert not any(key.startswith("lm_head") for key in keys)
     layer, norm, _rotary = encoder.final_layer()
-    assert layer is not encoder.final_layer_source() and norm is not encoder.norm
-    torch.testing.assert_close(
-        layer.state_dict(), layers[-1].state_dict(), atol=0, rtol=0
-    )
-    torch.testing.assert_close(
-        norm.weight, full.model.language_model.norm.weight, atol=0, rtol=0
-    )
-    with torch.no_grad():
+    assert layer is not layers[-1] and norm is not encoder.norm
+    torch.testing.assert_close(layer.state_dict(), before, atol=0, rtol=0)
+    torch.testing.assert_close(norm.weight, encoder.norm.weight, atol=0, rtol=0)
+    with torch.no_grad():  # the aggregator trains its copies: the model and the encoder's norm stay as they were
         layer.mlp.up_proj.weight.add_(1)
         norm.weight.add_(1)
-    assert torch.equal(
-        encoder.final_layer_source().mlp.up_proj.weight, layers[-1].mlp.up_proj.weight
-    )
-    assert torch.equal(encoder.norm.weight, full.model.language_model.norm.weight)
+    torch.testing.assert_close(layers[-1].state_dict(), before, atol=0, rtol=0)
+    assert not torch.equal(encoder.norm.weight, norm.weight)
+    # The encoder keeps no second copy beside the aggregator's, so it hands the layer over once.
+    assert encoder.__dict__["_last_layer"] is None
+    with pytest.raises(ConfigError, match="handed to the aggregator"):
+        encoder.final_layer()
 
 
 # -- configuration, loading, errors ----------------------------------------------------------------

@@ -4,8 +4,8 @@ This is EasyRef's reference encoder (arXiv 2412.09618, official code ``TempleX98
 references and the instruction form one user turn of Qwen2-VL's chat template; every image goes
 through the vision tower on its own; the decoder runs all its layers but the last, and its final
 RMSNorm is applied. The last decoder layer is not run here: it belongs to the aggregator
-(``reference-tokens`` in ``refcond-easyref``), which takes a copy through :meth:`MllmEncoder.final_layer`,
-so Qwen2-VL is read from disk once.
+(``reference-tokens`` in ``refcond-easyref``), which takes it over through :meth:`MllmEncoder.final_layer`,
+so Qwen2-VL is read from disk once and its last layer is held once.
 
 Behaviours kept from the official code on purpose (each has a test):
 
@@ -23,6 +23,9 @@ would alone: the official code only ever encodes one reference set at a time at 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
+import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -30,7 +33,7 @@ import torch
 import torch.utils.checkpoint
 from PIL.Image import Image
 from pydantic import Field, model_validator
-from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+from transformers import AutoTokenizer, DynamicCache, Qwen2VLForConditionalGeneration
 
 from refcond import (
     MIXED_SOURCE,
@@ -45,6 +48,8 @@ from refcond import (
     load_pretrained,
     weights_fingerprint,
 )
+
+from refcond_encoders.mllm_caches import Prefix, PrefixCache, VisionCache, image_key
 
 try:  # transformers >= 5: the PIL backend works without torchvision
     from transformers import Qwen2VLImageProcessorPil as _ImageProcessor
@@ -130,6 +135,21 @@ class MllmEncoderConfig(ComponentConfig):
         default=None,
         description="Device of the model, e.g. 'cuda', 'cuda:1', 'cpu'; None = the backbone's device (or the model's own).",
     )
+    vision_cache_mb: float = Field(
+        default=256,
+        ge=0,
+        le=2**20,
+        description="Megabytes of vision-tower outputs kept per image (on the encoder's device), so a group sharing images with an "
+        "earlier one runs the vision tower for its new images only; 0 turns the cache off. Not used while the encoder trains.",
+    )
+    prefix_cache_mb: float = Field(
+        default=512,
+        ge=0,
+        le=2**20,
+        description="Megabytes of decoder keys/values kept for the part of the sequence before the prompt (system, images, "
+        "instruction), so a new prompt over the same references runs only its own tokens; 0 turns the cache off. "
+        "Not used while the encoder trains.",
+    )
 
     @model_validator(mode="after")
     def _pixel_range(self) -> MllmEncoderConfig:
@@ -148,7 +168,12 @@ class MllmEncoder(torch.nn.Module):
     embeddings, decoder layers ``0..n-2``, final norm) are submodules, borrowed from the Qwen2-VL it
     was loaded from (:meth:`borrowed_weights`): frozen when built, and left out of checkpoints
     unless a training stage unfreezes and fine-tunes them. The last decoder layer is held outside
-    the module tree for :meth:`final_layer`.
+    the module tree until :meth:`final_layer` hands it to the aggregator.
+
+    In inference it keeps what a next call can reuse (:mod:`refcond_encoders.mllm_caches`): the
+    vision tower's output per image, and the decoder's keys and values for the sequence before the
+    prompt; a new prompt over the same references then runs only the prompt's tokens through the
+    decoder. Results equal a full recomputation up to rounding (float32: 1e-5).
     """
 
     #: Every token mixes references (all images are read in one sequence): per-reference aggregators cannot read it.
@@ -189,6 +214,12 @@ class MllmEncoder(torch.nn.Module):
         self.source = config.model or getattr(model, "name_or_path", None) or None
         self._check_pieces()
         self._unconditional: tuple[Any, torch.Tensor] | None = None
+        self.vision_cache = VisionCache(config.vision_cache_mb)
+        self.prefix_cache = PrefixCache(config.prefix_cache_mb)
+        self._cached_weights: tuple[Any, Any] | None = None  # the weights the caches' entries were computed with
+        # Everything besides the pixels that the vision tower's output depends on: the resize rule and the processor.
+        processor = image_processor.to_dict() if callable(getattr(image_processor, "to_dict", None)) else repr(image_processor)
+        self._resize = json.dumps([config.min_pixels, config.max_pixels, processor], sort_keys=True, default=str)
         #: Recompute the decoder layers' activations in the backward pass (training only); see gradient_checkpointing_enable.
         self.gradient_checkpointing = False
 
@@ -286,19 +317,28 @@ class MllmEncoder(torch.nn.Module):
     # -- parts for the aggregator -----------------------------------------------------------------
 
     def final_layer_source(self) -> torch.nn.Module:
-        """The model's last decoder layer itself (not run by this encoder). Prefer :meth:`final_layer`."""
-        return self.__dict__["_last_layer"]
+        """The model's last decoder layer itself (not run by this encoder), until :meth:`final_layer` hands it over."""
+        layer = self.__dict__["_last_layer"]
+        if layer is None:
+            raise ConfigError(
+                "encoder 'mllm': the last decoder layer was handed to the aggregator built from this encoder, and the encoder "
+                "keeps no second copy of it. Build another encoder (load the model again) for another 'reference-tokens' aggregator."
+            )
+        return layer
 
     def final_layer(self) -> tuple[torch.nn.Module, torch.nn.Module, torch.nn.Module]:
-        """Fresh copies of ``(last decoder layer, final norm, rotary embedding)``, on the encoder's device and dtype.
+        """``(last decoder layer, final norm, rotary embedding)`` for EasyRef's aggregator, once, on the encoder's device and dtype.
 
-        EasyRef's aggregator runs its reference tokens through these; copies, so training them leaves
-        the encoder (whose trunk also applies the final norm) unchanged.
+        The aggregator runs its reference tokens through these and trains them. They are copies, so
+        the model the encoder was built from and the encoder's own final norm stay as they were; and
+        the encoder lets go of the last layer it held, so only the aggregator's copy stays in memory.
+
+        :raises ConfigError: the layer was handed over already (build another encoder).
         """
+        source = self.final_layer_source()
         parameter = self.norm.weight
-        layer = copy.deepcopy(self.final_layer_source()).to(
-            device=parameter.device, dtype=parameter.dtype
-        )
+        layer = copy.deepcopy(source).to(device=parameter.device, dtype=parameter.dtype)
+        self.__dict__["_last_layer"] = None
         return (
             layer,
             copy.deepcopy(self.norm),
@@ -399,27 +439,7 @@ class MllmEncoder(torch.nn.Module):
         ).tolist()
         prompts, start = [], 0
         for group, text in zip(groups, texts):
-            content = [{"type": "image"} for _ in group] + [
-                {"type": "text", "text": text}
-            ]
-            chat = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": content}],
-                chat_template=self.chat_template,
-                tokenize=False,
-                add_generation_prompt=True,
-            )
-            pieces = chat.split("<|image_pad|>")
-            if len(pieces) != len(group) + 1:
-                raise ConfigError(
-                    f"encoder 'mllm': the chat template rendered {len(pieces) - 1} image placeholders for {len(group)} images."
-                )
-            counts = tokens_per_image[start : start + len(group)]
-            prompts.append(
-                pieces[0]
-                + "".join(
-                    "<|image_pad|>" * n + piece for n, piece in zip(counts, pieces[1:])
-                )
-            )
+            prompts.append(self.render(tokens_per_image[start : start + len(group)], text))
             start += len(group)
         text_inputs = self.tokenizer(
             prompts, padding=True, padding_side="left", return_tensors="pt"
@@ -430,6 +450,22 @@ class MllmEncoder(torch.nn.Module):
             "pixel_values": vision["pixel_values"],
             "image_grid_thw": vision["image_grid_thw"],
         }
+
+    def render(self, tokens_per_image: Sequence[int], text: str) -> str:
+        """The chat sequence of one group as text: images (each as its count of ``<|image_pad|>``), then ``text``."""
+        content = [{"type": "image"} for _ in tokens_per_image] + [{"type": "text", "text": text}]
+        chat = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}],
+            chat_template=self.chat_template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        pieces = chat.split("<|image_pad|>")
+        if len(pieces) != len(tokens_per_image) + 1:
+            raise ConfigError(
+                f"encoder 'mllm': the chat template rendered {len(pieces) - 1} image placeholders for {len(tokens_per_image)} images."
+            )
+        return pieces[0] + "".join("<|image_pad|>" * n + piece for n, piece in zip(tokens_per_image, pieces[1:]))
 
     def _check_sizes(self, groups: Sequence[Sequence[Image]]) -> None:
         """Refuse a reference Qwen2-VL's image processor would refuse for its size, naming it, the limit and the fix."""
@@ -492,9 +528,9 @@ class MllmEncoder(torch.nn.Module):
         )
         return self.norm(hidden) * mask[..., None].to(hidden.dtype)
 
-    def _encode(
-        self, groups: list[list[Image]], texts: Sequence[str]
-    ) -> ReferenceEncoding:
+    def _encode(self, groups: list[list[Image]], texts: Sequence[str]) -> ReferenceEncoding:
+        if self._reusing():
+            return self._encode_reusing(groups, texts)
         inputs = self.inputs(groups, texts)
         mask = inputs["attention_mask"].to(self.device).bool()
         tokens = self.trunk(inputs)
@@ -503,6 +539,136 @@ class MllmEncoder(torch.nn.Module):
             mask,
             torch.full(mask.shape, MIXED_SOURCE, dtype=torch.long, device=self.device),
         )
+
+    # -- reusing earlier work (inference) ---------------------------------------------------------
+
+    def _reusing(self) -> bool:
+        """Whether this call reads and fills the caches: in inference only, not while the encoder trains or a weight of it takes gradients."""
+        if self.training or not (self.vision_cache.enabled or self.prefix_cache.enabled):
+            return False
+        return not (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()))
+
+    def clear_caches(self) -> None:
+        """Forget every cached vision output and prefix (weight changes are noticed without it)."""
+        self.vision_cache.clear()
+        self.prefix_cache.clear()
+
+    def _encode_reusing(self, groups: list[list[Image]], texts: Sequence[str]) -> ReferenceEncoding:
+        """:meth:`_encode` through the caches: one group at a time, each exactly as it would be encoded alone."""
+        self._check_sizes(groups)
+        _, layout, values = weights_fingerprint([self])
+        if self._cached_weights != (layout, values):
+            self.clear_caches()
+            self._cached_weights = (layout, values)
+        keys, features = self._cached_image_features(groups)
+        rows = [self._row(group_keys, group_features, text) for group_keys, group_features, text in zip(keys, features, texts)]
+        longest = max(row.shape[0] for row in rows)
+        tokens = rows[0].new_zeros(len(rows), longest, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), longest, dtype=torch.bool, device=tokens.device)
+        for b, row in enumerate(rows):  # left-padded, as the batched path
+            tokens[b, longest - row.shape[0] :] = row
+            mask[b, longest - row.shape[0] :] = True
+        return ReferenceEncoding(tokens, mask, torch.full(mask.shape, MIXED_SOURCE, dtype=torch.long, device=tokens.device))
+
+    def _cached_image_features(self, groups: list[list[Image]]) -> tuple[list[list[str]], list[list[torch.Tensor]]]:
+        """Every image's key and vision-tower output ``[tokens, hidden]``; the tower runs for the images the cache lacks only."""
+        keys = [[image_key(image, self._resize) for image in group] for group in groups]
+        found: dict[str, torch.Tensor | None] = {}
+        missing: dict[str, Image] = {}
+        for group, group_keys in zip(groups, keys):
+            for image, key in zip(group, group_keys):
+                if key not in found:
+                    found[key] = self.vision_cache.get(key)
+                    if found[key] is None:
+                        missing[key] = image
+        if missing:
+            size = {"shortest_edge": self.config.min_pixels, "longest_edge": self.config.max_pixels}
+            vision = self.image_processor(images=list(missing.values()), size=size, return_tensors="pt")
+            counts = (vision["image_grid_thw"].prod(-1) // self.model_config.vision_config.spatial_merge_size**2).tolist()
+            computed = self.image_features(vision["pixel_values"], vision["image_grid_thw"]).split(counts)
+            for key, features in zip(missing, computed):
+                found[key] = features.clone()  # its own storage: the cache counts (and keeps) this image's bytes only
+                self.vision_cache.put(key, found[key])
+        return keys, [[found[key] for key in group_keys] for group_keys in keys]  # type: ignore[misc]
+
+    def _row(self, keys: list[str], features: list[torch.Tensor], text: str) -> torch.Tensor:
+        """``[L, hidden]``: one group's trunk output; the part before the prompt from the prefix cache when it holds it."""
+        counts = [int(f.shape[0]) for f in features]
+        ids = self._token_ids(self.render(counts, text))
+        split = _common_length(ids, self._token_ids(self._prefix_text(counts))) if self.prefix_cache.enabled else 0
+        input_ids = torch.tensor([ids], device=self.device)
+        image_mask = input_ids == self.image_token_id
+        flat = torch.cat(features)
+        if flat.shape[0] != int(image_mask.sum()):
+            raise ConfigError(f"encoder 'mllm': {flat.shape[0]} image features for {int(image_mask.sum())} image tokens in the sequence.")
+        embeds = self.embed_tokens(input_ids)
+        embeds = embeds.masked_scatter(image_mask[..., None], flat.to(embeds.dtype))
+        rotary = self.__dict__["rotary_emb"]
+        prefix: Prefix | None = None
+        if split:
+            key = (tuple(keys), tuple(ids[:split]))
+            prefix = self.prefix_cache.get(key)
+            if prefix is None:
+                cache = DynamicCache()
+                prefix = Prefix.from_cache(cache, self.norm(continue_decoder(self.layers, rotary, embeds[:, :split], cache))[0])
+                self.prefix_cache.put(key, prefix)
+            if split == len(ids):
+                return prefix.hidden
+        rest = self.norm(continue_decoder(self.layers, rotary, embeds[:, split:], None if prefix is None else prefix.cache()))[0]
+        return rest if prefix is None else torch.cat([prefix.hidden, rest])
+
+    def _prefix_text(self, tokens_per_image: Sequence[int]) -> str:
+        """The chat sequence up to the end of the instruction: what every prompt over these images shares ("" if the template hides it)."""
+        marker = "\ue000"  # a private-use character: no template or instruction contains it
+        rendered = self.render(tokens_per_image, marker)
+        return rendered[: rendered.index(marker)] + self.config.instruction if marker in rendered else ""
+
+    def _token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text)["input_ids"])
+
+
+def _common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def continue_decoder(
+    layers: Sequence[torch.nn.Module],
+    rotary_emb: torch.nn.Module,
+    hidden: torch.Tensor,
+    cache: DynamicCache | None,
+) -> torch.Tensor:
+    """Run Qwen2-VL decoder layers over one unpadded row ``hidden [1, S, D]`` that follows the tokens ``cache`` holds.
+
+    With ``P`` tokens in ``cache`` (0 for an empty one, or ``None``), the new tokens take 1-D
+    positions ``P..P+S-1`` and attend causally to the cached tokens and to each other, so the
+    result equals rows ``P..P+S-1`` of :func:`run_decoder` over the whole sequence (up to rounding).
+    ``cache`` gets the new tokens' keys and values appended.
+    """
+    past = 0 if cache is None else cache.get_seq_length()
+    length = hidden.shape[1]
+    positions = torch.arange(past, past + length, device=hidden.device)[None]
+    position_embeddings = rotary_emb(hidden, positions[None].expand(3, -1, -1))
+    allowed = torch.ones(length, past + length, dtype=torch.bool, device=hidden.device).tril(diagonal=past)
+    bias = torch.zeros(1, 1, length, past + length, dtype=hidden.dtype, device=hidden.device).masked_fill(~allowed, torch.finfo(hidden.dtype).min)
+    for layer in layers:
+        hidden = layer(hidden, attention_mask=bias, position_embeddings=position_embeddings, **{_cache_argument(layer): cache})
+    return hidden
+
+
+def _cache_argument(layer: torch.nn.Module) -> str:
+    """The name a decoder layer takes its key/value cache by: ``cache`` (newer transformers) or ``past_key_values`` (earlier)."""
+    return _cache_argument_of(type(layer))
+
+
+@functools.cache
+def _cache_argument_of(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def run_decoder(
