@@ -106,10 +106,12 @@ def _on_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
 def weights_fingerprint(modules: Iterable[torch.nn.Module | None]) -> tuple[Any, ...]:
     """A cheap summary of the weights of ``modules`` that changes when they do; caches key on it.
 
-    It covers every parameter and buffer: which tensor holds it, where, in which dtype and shape
-    (``.to()``, ``load_state_dict(assign=True)``); the values of :data:`PROBES_PER_TENSOR` evenly
-    spaced elements of each (``load_state_dict``, an in-place edit of the whole tensor); and the
-    number of optimizer steps taken in the process so far (training, whichever weights it moved).
+    It covers every parameter and buffer: which parameter object holds it, on which device, in
+    which dtype and shape (``.to()``, ``load_state_dict(assign=True)``); the values of
+    :data:`PROBES_PER_TENSOR` evenly spaced elements of each (``load_state_dict``, an in-place edit
+    of the whole tensor); and the number of optimizer steps taken in the process so far (training,
+    whichever weights it moved). Not where a tensor's memory is: weights moved to another device and
+    back (CPU offload moves them at every call) read the same as before.
     It reads a few elements per tensor, not all of them, so it costs microseconds per tensor even
     for a 2B-parameter model; an in-place edit of a few elements outside the probed ones, made
     without an optimizer, is not noticed (clear the cache by hand after such surgery).
@@ -124,8 +126,11 @@ def weights_fingerprint(modules: Iterable[torch.nn.Module | None]) -> tuple[Any,
             if module is None:
                 layout.append(None)
                 continue
-            for name, tensor in (*module.named_parameters(), *module.named_buffers()):
-                layout.append((name, tensor.data_ptr(), str(tensor.device), tensor.dtype, tuple(tensor.shape)))
+            # A parameter keeps its object when .to() moves it and gets a new one from load_state_dict(assign=True);
+            # buffers get new objects at every move, so their values (the probes) speak for them.
+            tensors = [(name, id(p), p) for name, p in module.named_parameters()] + [(name, None, b) for name, b in module.named_buffers()]
+            for name, identity, tensor in tensors:
+                layout.append((name, identity, str(tensor.device), tensor.dtype, tuple(tensor.shape)))
                 if tensor.numel():
                     flat = tensor.detach().reshape(-1)
                     sample = flat[:: max(1, flat.numel() // PROBES_PER_TENSOR)][:PROBES_PER_TENSOR]
