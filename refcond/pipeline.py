@@ -22,6 +22,7 @@ from refcond.config import Composition
 from refcond.contracts import Condition, ReferenceAdapter
 from refcond.errors import ConfigError, RefcondError, ReferenceImageError
 from refcond.images import ReferenceInput, load_references
+from refcond.offload import ModelOffload, execution_device
 from refcond.plugins import Plugins, get_plugins
 from refcond.unet import layer_scales
 from refcond.weights import borrowed_weights, content_hash, describe_source, is_trainable, own_state_dict, weights_fingerprint
@@ -55,6 +56,7 @@ class RefcondPipeline:
         self._entries = dict(built.entries)
         self._carried = {role: set(prefixes) for role, prefixes in built.carried.items()}
         self._attachments: list[Any] = []
+        self._offload: ModelOffload | None = None  # refcond's part of CPU offload (enable_model_cpu_offload)
         try:
             for injector in self.injectors:
                 self._attachments.append(injector.attach(self.pipeline.unet))
@@ -158,9 +160,11 @@ class RefcondPipeline:
 
     def _encode(self, groups: list[list[PIL.Image.Image]], weights: torch.Tensor | None, prompts: tuple[str, ...] | None) -> tuple[Condition, Condition]:
         assert self.encoder is not None and self.aggregator is not None
-        encoding = self.encoder.encode(groups) if prompts is None else self.encoder.encode(groups, prompts=list(prompts))
-        unconditional = self.encoder.encode_unconditional(encoding, groups)
-        return self.aggregator(encoding, weights), self.aggregator(unconditional, weights)
+        with self._onloaded("encoder"):
+            encoding = self.encoder.encode(groups) if prompts is None else self.encoder.encode(groups, prompts=list(prompts))
+            unconditional = self.encoder.encode_unconditional(encoding, groups)
+        with self._onloaded("aggregator"):
+            return self.aggregator(encoding, weights), self.aggregator(unconditional, weights)
 
     def _weights_fingerprint(self) -> tuple[Any, ...]:
         """What the cached conditions depend on: the encoder's and aggregator's weights, borrowed ones included."""
@@ -203,8 +207,9 @@ class RefcondPipeline:
         if unconditional is not None and condition is None:
             raise ConfigError("bind(): an unconditional condition needs the condition it pairs with; pass both, or neither.")
         with ExitStack() as stack:
-            for attachment in self._attachments:
-                stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
+            with self._onloaded("injectors"):  # binding projects the condition; the UNet steps need only the result
+                for attachment in self._attachments:
+                    stack.enter_context(attachment.condition(condition, unconditional, reference_scale))
             yield
 
     # -- generation ---------------------------------------------------------------------------
@@ -302,13 +307,86 @@ class RefcondPipeline:
         with torch.no_grad(), self.bind(condition, unconditional, reference_scale):
             return self.pipeline(num_images_per_prompt=num_images_per_prompt, **call_kwargs, **pipeline_kwargs)
 
+    # -- memory -------------------------------------------------------------------------------
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Keep every model on the CPU, each moved to the accelerator only while it runs: diffusers' switch, refcond's parts included.
+
+        Calls the diffusers pipeline's own ``enable_model_cpu_offload(gpu_id, device)`` (same arguments
+        and defaults: the accelerator found, index 0), then offloads refcond's modules the same way
+        (accelerate's ``cpu_offload_with_hook``): the encoder and the aggregator are on the device only
+        while :meth:`encode` runs them, each in turn; injector modules kept outside the UNet (the
+        cross-attention injector's projector and image keys/values) only while :meth:`bind` projects the
+        condition. All of them are back on the CPU before the UNet's first step, and the images are
+        those generated without offload. Modules that are the pipeline's own (the ``clip`` encoder's
+        ``image_encoder``) or share weights with it (LoRA layers in the UNet) move with diffusers' hooks.
+
+        For generation: with a component in training mode and autograd on, :meth:`encode` and
+        :meth:`bind` refuse to run. Undo with :meth:`remove_all_hooks`.
+        """
+        self.pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
+        self._offload_own_modules(execution_device(gpu_id, device))
+
+    def remove_all_hooks(self) -> None:
+        """Undo CPU offload: the pipeline's ``remove_all_hooks()`` (its models stay on the CPU, as diffusers leaves them:
+        ``pipe.to(device)`` moves them), and refcond's modules go back to the devices they were on before offloading."""
+        self.pipeline.remove_all_hooks()
+        if self._offload is not None:
+            self._offload.remove(restore=True)
+            self._offload = None
+
+    def _offload_own_modules(self, device: torch.device) -> None:
+        home = None
+        if self._offload is not None:  # offloaded already: keep where the modules were before the first time
+            home = self._offload.home
+            self._offload.remove(restore=False)
+        self._offload = ModelOffload(self._own_modules(), device, home)
+
+    def _own_modules(self) -> dict[str, list[torch.nn.Module]]:
+        """The modules each role runs that diffusers' offload does not reach: outside the pipeline, with weights, none shared with it."""
+        theirs = {id(p) for m in self.pipeline.components.values() if isinstance(m, torch.nn.Module) for p in m.parameters()}
+
+        def own(candidates: Sequence[Any]) -> list[torch.nn.Module]:
+            found: list[torch.nn.Module] = []
+            for module in candidates:
+                parameters = list(module.parameters()) if isinstance(module, torch.nn.Module) else []
+                if parameters and not any(id(p) in theirs for p in parameters) and all(module is not f for f in found):
+                    found.append(module)
+            return found
+
+        modules = {
+            role: own([component, *(part.module for part in borrowed_weights(component, role) if part.prefix is None)])
+            for role, component in (("encoder", self.encoder), ("aggregator", self.aggregator))
+        }
+        modules["injectors"] = own(self.injectors)
+        return modules
+
+    @contextmanager
+    def _onloaded(self, role: str) -> Iterator[None]:
+        """Under CPU offload: ``role``'s modules on the execution device for the block, back on the CPU after it."""
+        if self._offload is None:
+            yield
+            return
+        if self.training and torch.is_grad_enabled():
+            raise ConfigError(
+                "CPU offload is for generation: a training step would keep gradients of weights moved back to the CPU. "
+                "Call rp.remove_all_hooks() before training, or rp.eval() to generate."
+            )
+        with self._offload.onloaded(role):
+            yield
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     def detach(self) -> None:
         """Remove every injector: the pipeline's UNet is exactly as it was before ``from_pipe``.
 
         Every attachment is detached even if one of them raises; the first error is raised after.
+        refcond's offload hooks go too (its modules stay on the CPU); the pipeline keeps diffusers'
+        own CPU offload, if it was enabled (``pipe.remove_all_hooks()`` removes it).
         """
+        if self._offload is not None:
+            self._offload.remove(restore=False)
+            self._offload = None
         errors: list[BaseException] = []
         for attachment in reversed(self._attachments):
             try:
