@@ -11,14 +11,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from refcond_easyref.testing import tiny_easyref_overrides
 from refcond_encoders.mllm import MllmEncoder, MllmEncoderConfig
 
+import refcond
 from refcond import ReferenceEncoding
-from refcond.testing import reference_images
+from refcond.testing import reference_images, tiny_sdxl_pipeline
 from refcond.testing.qwen2vl import MAX_PIXELS, MIN_PIXELS, tiny_qwen2vl, tiny_qwen2vl_processor
 
 IMAGES = reference_images(6, seed=3)
@@ -158,3 +161,15 @@ def test_bfloat16_through_the_caches_is_as_close_as_a_full_recomputation_under_a
     batch_noise = float((in_batch - alone).abs().max())
     assert batch_noise > 0  # bfloat16 rounds differently in another batch: the yardstick is not zero
     assert float((got - alone).abs().max()) <= 2 * batch_noise
+
+
+def test_a_pipeline_reuses_the_references_across_prompts(tiny_qwen2vl_dir: Path) -> None:
+    rp = refcond.from_pipe(tiny_sdxl_pipeline(), "easyref", **tiny_easyref_overrides(tiny_qwen2vl_dir, append_prompt=True))
+    references = reference_images(3)
+    encoder = rp.encoder
+    with counting(encoder) as runs:
+        for prompt in ("a cat", "a dog", "a red car"):
+            rp(prompt, references, num_inference_steps=1, output_type="latent")
+    assert len(runs["images"]) == 3 + 1  # the references and the black unconditional image, once each
+    assert encoder.prefix_cache.hits == 2  # the second and third prompts ran their own tokens only
+    rp.detach()
