@@ -3,14 +3,19 @@
 It reads keys and values computed once per generation (:class:`BoundKV`) and does only the
 attention itself at each denoising step. Its text attention is the math of diffusers'
 ``AttnProcessor2_0``; the image attention, ``scale * SDPA(Q, K_ip, V_ip)`` summed into the text
-attention before ``to_out``, is that of ``IPAdapterAttnProcessor2_0``. With nothing bound, or a
-scale of 0, it hands the call to the processor it replaced, so the layer computes exactly what it
-computed before.
+attention before ``to_out``, is that of ``IPAdapterAttnProcessor2_0``. With nothing bound (a
+layer whose scale is 0 is never bound), it hands the call to the processor it replaced, so the layer
+computes exactly what it computed before.
+
+Under ``torch.compile`` nothing here breaks the graph, and a new binding of the same shapes reuses
+the compiled graph: every value that changes between bindings (keys, values, mask, scale) reaches
+the graph as a tensor, and the Python-side branches read only structure (the batch layout, whether
+the condition has padding, device and dtype), never values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,7 +32,10 @@ class BoundKV:
     :ivar key: ``[R, heads, K, head_dim]``; rows are ``cat(unconditional, conditional)`` when
         ``has_unconditional`` (R = 2B), else the conditional rows only (R = B).
     :ivar mask: ``[R, 1, 1, K]`` bool (True = attend), or None when no token is padding.
-    :ivar scale: strength of this layer's image attention.
+    :ivar scale: strength of this layer's image attention; never 0 (such a layer is not bound).
+    :ivar scale_tensor: ``scale`` as a 0-d float32 tensor on ``key``'s device: what a compiled
+        graph reads, so that a new scale is a new input, not a guard failure and a recompile.
+        Eager calls multiply by the Python float, as diffusers does.
     """
 
     key: torch.Tensor
@@ -35,6 +43,10 @@ class BoundKV:
     mask: torch.Tensor | None
     has_unconditional: bool
     scale: float
+    scale_tensor: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.scale_tensor = torch.tensor(self.scale, dtype=torch.float32, device=self.key.device)
 
     @property
     def conditional_rows(self) -> int:
@@ -94,7 +106,7 @@ class DecoupledCrossAttnProcessor(nn.Module):
         **kwargs: Any,
     ) -> torch.Tensor:
         bound = self.bound
-        if bound is None or bound.scale == 0:
+        if bound is None:
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
         residual = hidden_states
@@ -138,10 +150,12 @@ class DecoupledCrossAttnProcessor(nn.Module):
         rows, ip_key, ip_value, ip_mask = bound.select(batch_size)
         image = F.scaled_dot_product_attention(query[rows], ip_key, ip_value, attn_mask=ip_mask, dropout_p=0.0, is_causal=False)
         image = image.transpose(1, 2).reshape(image.shape[0], -1, attn.heads * head_dim).to(query.dtype)
+        # A Python float would be baked into a compiled graph (a guard on its value); the tensor is an input.
+        scale = bound.scale_tensor if torch.compiler.is_compiling() else bound.scale
         if rows == slice(0, batch_size):
-            hidden_states = hidden_states + bound.scale * image
+            hidden_states = hidden_states + scale * image
         else:  # only the conditional half of a guidance batch reads the reference
-            hidden_states = torch.cat([hidden_states[: rows.start], hidden_states[rows] + bound.scale * image])
+            hidden_states = torch.cat([hidden_states[: rows.start], hidden_states[rows] + scale * image])
 
         hidden_states = attn.to_out[0](hidden_states)
         hidden_states = attn.to_out[1](hidden_states)
