@@ -27,10 +27,10 @@ EXECUTION = torch.device("cpu:0")  # what diffusers makes of device="cpu"
 CPU = torch.device("cpu")
 
 
-def _build(kind: str, folder: Path) -> refcond.RefcondPipeline:
+def _build(kind: str, folder: Path, **encoder_config: Any) -> refcond.RefcondPipeline:
     if kind == "ip-adapter":
         return refcond.from_pipe(tiny_sd15_pipeline(), "ip-adapter", seed=0)
-    return refcond.from_pipe(tiny_sdxl_pipeline(), "easyref", seed=0, **tiny_easyref_overrides(folder))
+    return refcond.from_pipe(tiny_sdxl_pipeline(), "easyref", seed=0, **tiny_easyref_overrides(folder, **encoder_config))
 
 
 def _generate(rp: refcond.RefcondPipeline, references: list[Any], prompt: str = "a red cat") -> torch.Tensor:
@@ -52,7 +52,8 @@ def _counting_encodes(rp: refcond.RefcondPipeline) -> Iterator[list[int]]:
 @pytest.mark.parametrize("kind", ["ip-adapter", "easyref"])
 def test_offloaded_generation_equals_generation_without_offload(kind: str, tiny_qwen2vl_dir: Path) -> None:
     """Same latents with offload on, the encoder run under it, its condition cached across offloaded calls, and undone by remove_all_hooks."""
-    rp = _build(kind, tiny_qwen2vl_dir)
+    no_mllm_caches = {"vision_cache_mb": 0, "prefix_cache_mb": 0} if kind == "easyref" else {}  # the whole MLLM runs under offload
+    rp = _build(kind, tiny_qwen2vl_dir, **no_mllm_caches)
     references = reference_images(2)
     expected = _generate(rp, references)
     homes = {id(p): p.device for p in rp.parameters()}
