@@ -324,6 +324,7 @@ class RefcondPipeline:
         For generation: with a component in training mode and autograd on, :meth:`encode` and
         :meth:`bind` refuse to run. Undo with :meth:`remove_all_hooks`.
         """
+        self._check_attached()
         self.pipeline.enable_model_cpu_offload(gpu_id=gpu_id, device=device)
         self._offload_own_modules(execution_device(gpu_id, device))
 

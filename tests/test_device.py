@@ -97,6 +97,8 @@ def test_cuda_model_offload_keeps_refcond_modules_off_the_gpu_while_the_unet_run
     assert steps == [{"cpu"}, {"cpu"}]
     assert {p.device.type for module in ours for p in module.parameters()} == {"cpu"}
     assert latents_close(offloaded, plain)
+    condition, unconditional = rp.encode([references], prompts=["a red cat"])  # where the UNet's hooks take it from
+    assert condition.tokens.device.type == unconditional.tokens.device.type == "cuda"
     assert offloaded_peak <= plain_peak - our_bytes, (
         f"peak while the UNet runs: {offloaded_peak} bytes offloaded, {plain_peak} not; refcond's modules hold {our_bytes}"
     )

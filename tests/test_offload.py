@@ -150,6 +150,8 @@ def test_offload_refuses_a_training_step_and_detach_keeps_the_pipelines_own_offl
     assert not hasattr(rp.injectors[0], "_hf_hook")
     assert hasattr(rp.pipeline.unet, "_hf_hook"), "diffusers' own offload is the user's setting: detach leaves it"
     rp.pipeline.remove_all_hooks()
+    with pytest.raises(refcond.RefcondError, match="detached"):
+        rp.enable_model_cpu_offload(device="cpu")
 
 
 def test_weights_moved_to_a_device_and_back_read_as_unchanged() -> None:
