@@ -62,11 +62,6 @@ class ModelOffload:
             with torch.inference_mode(False):  # the hook moves the module to the CPU: see _move
                 self.hooks[role] = [cpu_offload_with_hook(module, hook_device)[1] for module in group]
 
-    def modules(self, role: str | None = None) -> list[torch.nn.Module]:
-        """The modules of ``role`` (all roles: ``None``)."""
-        roles = self.hooks if role is None else {role: self.hooks.get(role, [])}
-        return [hook.model for hooks in roles.values() for hook in hooks]
-
     @contextmanager
     def onloaded(self, role: str) -> Iterator[None]:
         """Run a block with ``role``'s modules on the execution device; they are back on the CPU after it, even if it raises."""
