@@ -186,3 +186,21 @@ def test_compiling_after_from_pipe_generates_as_eager_and_a_new_group_does_not_r
         generate(rp, refs[2:])
     rp.detach()
     assert not any(type(p).__name__ == "DecoupledCrossAttnProcessor" for p in pipe.unet.attn_processors.values())
+
+
+def test_lora_tuning_shows_the_unet_the_same_adapters_for_every_group(tmp_path):
+    """lora-tuning adds a LoRA per reference group: named by its group, each would be new modules to
+    a compiled UNet's guards and one more compile per group (tuning and generating), until dynamo's
+    recompile limit sends the UNet back to eager. Under fixed names the layouts repeat. Compiling the
+    tuning steps costs tens of seconds here, so this checks what the guards read: the adapters
+    present at every UNet call (with grad mode, which tells tuning's graph from generation's)."""
+    pipe = tiny_sd15_pipeline()
+    tuning = {"steps": 1, "learning_rate": 1e-2, "output_dir": str(tmp_path)}
+    rp = refcond.from_pipe(pipe, "lora-tuning", injectors={"lora": {"config": {"tuning": tuning}}})
+    layouts: list[set[tuple[bool, tuple[str, ...]]]] = []
+    pipe.unet.register_forward_pre_hook(lambda unet, args: layouts[-1].add((torch.is_grad_enabled(), tuple(sorted(unet.peft_config)))))
+    refs = reference_images(4)
+    for group in (refs[:2], refs[2:], refs[1:3]):
+        layouts.append(set())
+        rp("a photo of sks", references=group, num_inference_steps=1, output_type="latent")
+    assert layouts[2] <= layouts[0] | layouts[1], f"a third group still meets new adapters: {layouts}"

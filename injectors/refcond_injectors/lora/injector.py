@@ -133,6 +133,8 @@ class LoraInjector:
 #: How messages name the injector's own LoRA layers, and the base of their adapter name.
 OWN_LAYERS_LABEL = "the lora injector's own layers (config layers)"
 OWN_LAYERS_ADAPTER = "refcond_layers"
+#: The adapter name of the LoRA tuned for the current group: the same for every group, so a compiled UNet keeps its graph.
+TUNED_ADAPTER = "refcond_tuned"
 
 
 class LoraAttachment:
@@ -371,7 +373,9 @@ class TunedLoraAttachment(LoraAttachment):
     It is a :class:`refcond.ReferenceAdapter`: before each generation the pipeline hands it the
     call's reference group, and :meth:`adapt` tunes a LoRA on it with :func:`tune_lora` (or finds
     the one tuned before in the cache: a second prompt over the same references costs nothing) and
-    loads it beside the configured files, replacing the LoRA tuned for the previous group.
+    loads it beside the configured files, replacing the LoRA tuned for the previous group under the
+    same adapter name (:data:`TUNED_ADAPTER`, unless the user holds one so named), so a compiled
+    UNet meets the same modules for every group and keeps its graph.
     """
 
     def __init__(self, injector: LoraInjector):
@@ -388,7 +392,9 @@ class TunedLoraAttachment(LoraAttachment):
         if self._tuned is not None:
             self.unload(self._tuned[1])
             self._tuned = None
-        self._tuned = (result.path, self.load(result.path))
+        taken = {name for names in self.pipeline.get_list_adapters().values() for name in names}
+        name = None if TUNED_ADAPTER in taken else TUNED_ADAPTER  # None: a free name derived from the file
+        self._tuned = (result.path, self.load(result.path, adapter_name=name))
 
     @contextmanager
     def condition(

@@ -59,6 +59,8 @@ MAX_GRAD_NORM = 1.0
 WEIGHT_DECAY = 1e-2
 #: Images the VAE encodes at once (class images can be many, at 1024 px for SDXL).
 _VAE_CHUNK = 4
+#: The adapter's name in the UNet while tuning: the same for every group, so a compiled UNet reuses its graphs.
+TRAINING_ADAPTER = "refcond_tuning"
 _KEY_FORMAT = "refcond-lora-tuning/1"
 
 
@@ -332,7 +334,7 @@ def tune_lora(
                     class_images = _class_images(pipeline, config, resolution)
                     klass = _examples(pipeline, kind, class_images, [config.class_prompt or ""] * len(class_images), resolution)
                 instance = _examples(pipeline, kind, images, prompts, resolution)
-                run.training_name = _free_adapter_name(pipeline.unet, run.adapter_name)
+                run.training_name = _free_adapter_name(pipeline.unet, TRAINING_ADAPTER)
                 params = _add_adapter(pipeline.unet, config, run.training_name)
                 if resume_from is not None:
                     run.resume(resume_from)
