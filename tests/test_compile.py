@@ -11,11 +11,13 @@ What this guards, on CPU with the tiny SD1.5 and SDXL UNets:
   (torch 2.13, diffusers 0.42.1, peft 0.21.2) there are none: each UNet is one graph.
 - **A new binding does not recompile.** A UNet compiled once reuses its graph when another
   condition of the same shape is bound, and when ``reference_scale`` changes: the compiled graph
-  reads both as tensor inputs, and its output equals eager mode's for the new binding. The unbound
-  UNet (nothing bound, or after ``detach``) runs the original processors, a different program:
-  that is one more graph, compiled once, after which switching between bound and unbound reuses both.
-- **Compiling after ``refcond.from_pipe``** (the order docs/index.md gives) generates the images
-  eager mode generates, and a new reference group on the next call does not recompile.
+  reads both as tensor inputs, and its output equals eager mode's for the new binding. With
+  nothing bound the original processors run, a different program: that is one more graph,
+  compiled once, after which switching between bound and unbound reuses both.
+- **Compiling in place** (``pipe.unet.compile()``, as docs/index.md says) generates the images eager
+  mode generates, a new reference group on the next call does not recompile, and ``detach`` works.
+- **lora-tuning** shows a compiled UNet the same adapters for every reference group, so the
+  graphs of its tuning steps and of generation are reused from group to group.
 
 ``backend="eager"`` keeps it cheap: dynamo traces and guards exactly as with inductor, but runs the
 captured graphs with plain PyTorch, so outputs are comparable bit for bit on CPU.
@@ -170,7 +172,7 @@ def test_a_new_condition_or_scale_reuses_the_compiled_unet():
             compiled(**inputs)
 
 
-def test_compiling_after_from_pipe_generates_as_eager_and_a_new_group_does_not_recompile():
+def test_the_unet_compiled_in_place_generates_as_eager_and_a_new_group_does_not_recompile():
     def generate(rp: refcond.RefcondPipeline, references: list[Any]) -> torch.Tensor:
         generator = torch.Generator().manual_seed(0)
         return rp("a cat", references=references, num_inference_steps=2, guidance_scale=5.0, output_type="pt", generator=generator).images
@@ -180,7 +182,7 @@ def test_compiling_after_from_pipe_generates_as_eager_and_a_new_group_does_not_r
 
     pipe = tiny_sd15_pipeline()
     rp = refcond.from_pipe(pipe, "ip-adapter", seed=0)
-    pipe.unet = torch.compile(pipe.unet, backend="eager")  # after from_pipe: it recognises only a plain UNet
+    pipe.unet.compile(backend="eager")  # in place: pipe.unet stays a UNet2DConditionModel, as refcond expects
     assert torch.equal(generate(rp, refs[:2]), expected)
     with torch._dynamo.config.patch(error_on_recompile=True):
         generate(rp, refs[2:])
