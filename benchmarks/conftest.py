@@ -4,7 +4,8 @@ Ratios are taken from the fastest round (``min``), the figure least disturbed by
 and also given for the median. Each suite (a benchmark's ``extra_info["suite"]``) has its own
 section and JSON file: the UNet-step suite (the default) writes to ``REFCOND_BENCH_JSON``
 (default ``benchmarks/results/unet_step_ratios.json``), the LoRA suite to
-``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``). The EasyRef
+``REFCOND_BENCH_LORA_RATIOS_JSON`` (default ``benchmarks/results/lora_ratios.json``), the compile
+suite to ``REFCOND_BENCH_COMPILE_RATIOS_JSON`` (default ``benchmarks/results/compile_ratios.json``). The EasyRef
 encoder suite (times, sequence lengths, memory; no ratios) has its own table and JSON file,
 ``REFCOND_BENCH_EASYREF_JSON`` (default ``benchmarks/results/easyref_encoder.json``); the
 encoding-cache suite (seconds per epoch) ``REFCOND_BENCH_ENCODING_CACHE_JSON`` (default
@@ -55,6 +56,13 @@ SUITES = {
         "one UNet forward (one denoising step, guidance batch of 2) with a LoRA on every transformer block, unfused or fused",
         "REFCOND_BENCH_LORA_RATIOS_JSON",
         DEFAULT_JSON.parent / "lora_ratios.json",
+    ),
+    "compile": Suite(
+        {"compiled/eager": ("compiled", "eager")},
+        "refcond torch.compile ratio (fastest round; median in brackets)",
+        "one UNet forward (one denoising step, guidance batch of 2) with cross-attention and a LoRA file attached and a condition bound",
+        "REFCOND_BENCH_COMPILE_RATIOS_JSON",
+        DEFAULT_JSON.parent / "compile_ratios.json",
     ),
 }
 
